@@ -1,0 +1,1 @@
+"""rlgen rewards: one reward per file; RewardWorker actor in worker.py."""

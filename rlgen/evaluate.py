@@ -1,0 +1,104 @@
+"""Benchmarks on a checkpoint.
+
+    python -m rlgen.evaluate --checkpoint DIR --benchmark NAME [--prompts FILE | --problems FILE]
+        [--samples-per-prompt K] [--seed S] [--out FILE.json] [--set key=value ...]
+
+DIR may be a checkpoint folder or a run folder (then its latest complete checkpoint). Benchmarks are
+registered functions ``fn(req: EvalRequest) -> dict``; the dict holds at least ``accuracy`` (overall,
+in [0, 1]), ``per_task`` (task type → accuracy), ``n`` (items scored) and the sampling settings used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlgen.registry import BENCHMARKS, RegistryError
+from rlgen.runtime.rundir import CheckpointError, resolve_checkpoint
+
+
+@dataclass
+class EvalRequest:
+    checkpoint: Path
+    prompts: Path | None = None          # one prompt per line (image benchmarks)
+    problems: Path | None = None         # JSONL problems (text benchmarks)
+    samples_per_prompt: int | None = None  # None: the benchmark's default
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 64
+    progress: bool = True
+    options: dict[str, Any] = field(default_factory=dict)  # benchmark-specific: steps, cfg, threshold …
+
+
+def run_benchmark(name: str, req: EvalRequest) -> dict:
+    fn = BENCHMARKS.get(name)
+    t0 = time.time()
+    result = fn(req)
+    for key in ("accuracy", "per_task", "n"):
+        if key not in result:
+            raise RuntimeError(f"benchmark '{name}' returned no '{key}' (got keys {sorted(result)})")
+    result.setdefault("benchmark", name)
+    result.setdefault("checkpoint", str(req.checkpoint))
+    result.setdefault("seed", req.seed)
+    result["eval_seconds"] = round(time.time() - t0, 2)
+    return result
+
+
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rlgen.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
+    ap.add_argument("--benchmark", required=True, help=f"one of: {', '.join(BENCHMARKS.names())}")
+    ap.add_argument("--prompts", type=Path, help="text file, one prompt per line (image benchmarks)")
+    ap.add_argument("--problems", type=Path, help="JSONL problems file (text benchmarks)")
+    ap.add_argument("--samples-per-prompt", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                    help="benchmark option, e.g. --set steps=20 --set cfg=4.0 (repeatable)")
+    ap.add_argument("--out", type=Path, help="write the result JSON here")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    for flag, p in (("--prompts", args.prompts), ("--problems", args.problems)):
+        if p is not None and not p.is_file():
+            print(f"error: {flag} file not found: {p}", file=sys.stderr)
+            return 2
+    try:
+        ckpt = resolve_checkpoint(args.checkpoint)
+        req = EvalRequest(checkpoint=ckpt, prompts=args.prompts, problems=args.problems,
+                          samples_per_prompt=args.samples_per_prompt, seed=args.seed, device=args.device,
+                          batch_size=args.batch_size, progress=not args.no_progress,
+                          options=_parse_options(args.options))
+        result = run_benchmark(args.benchmark, req)
+    except (CheckpointError, RegistryError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, args.out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""Generators rlgen trains: flow backbones + prompt encoders (flow.py), masked-diffusion LMs
+(masked_lm.py). Every model folder holds ``rlgen_model.json`` naming its ``model_type``, a key of
+the MODELS registry whose class implements ``save_pretrained(dir)`` / ``from_pretrained(dir, device)``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MODEL_META = "rlgen_model.json"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def read_model_meta(path: str | Path) -> dict:
+    p = Path(path) / MODEL_META
+    if not p.is_file():
+        raise ModelLoadError(f"{Path(path)}: no {MODEL_META}; not an rlgen model folder")
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{p}: corrupt JSON ({e})") from e
+    if not isinstance(meta, dict) or "model_type" not in meta:
+        raise ModelLoadError(f"{p}: missing 'model_type'")
+    return meta
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """Load any rlgen model from a checkpoint folder or a run folder (→ latest checkpoint)."""
+    from rlgen.registry import MODELS
+    from rlgen.runtime.rundir import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    meta = read_model_meta(ckpt)
+    cls = MODELS.get(meta["model_type"])
+    try:
+        return cls.from_pretrained(ckpt, device=device)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(f"{ckpt}: cannot load {meta['model_type']} model: {e}") from e

@@ -1,0 +1,30 @@
+"""Small helpers shared across rlgen: device choice, seeding, threads."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{name}' requested but CUDA is not available on this machine")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def set_threads(n: int) -> None:
+    """0 keeps torch's default (all cores); otherwise pin intra-op threads (e.g. 1 per Ray actor)."""
+    if n > 0:
+        torch.set_num_threads(n)
+        os.environ.setdefault("OMP_NUM_THREADS", str(n))

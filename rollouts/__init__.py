@@ -1,0 +1,1 @@
+"""rlgen rollouts: RolloutWorker actor, image/text rollout functions, vLLM engine actor."""

@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from rlgen.runtime.rundir import (CheckpointError, MetricsLogger, atomic_checkpoint, find_latest_checkpoint,
+                                  read_metrics, resolve_checkpoint)
+
+
+def test_atomic_checkpoint_publishes_only_complete(tmp_path):
+    with atomic_checkpoint(tmp_path, 10) as d:
+        (d / "w.bin").write_text("ten")
+    assert find_latest_checkpoint(tmp_path).name == "10"
+    with pytest.raises(RuntimeError):
+        with atomic_checkpoint(tmp_path, 20) as d:
+            (d / "w.bin").write_text("half")
+            raise RuntimeError("crash mid-write")
+    ckpts = tmp_path / "checkpoints"
+    assert not (ckpts / "20").exists()
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp")]
+    assert (ckpts / "latest").resolve().name == "10"
+    assert (resolve_checkpoint(tmp_path) / "w.bin").read_text() == "ten"
+
+
+def test_latest_ignores_incomplete_folders(tmp_path):
+    with atomic_checkpoint(tmp_path, 5) as d:
+        (d / "x").write_text("5")
+    (tmp_path / "checkpoints" / "7").mkdir()  # e.g. copied by hand, no COMPLETE marker
+    (tmp_path / "checkpoints" / "latest").unlink()
+    assert find_latest_checkpoint(tmp_path).name == "5"
+
+
+def test_resolve_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        resolve_checkpoint(tmp_path / "nope")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_checkpoint(tmp_path / "run")
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(CheckpointError, match="neither"):
+        resolve_checkpoint(tmp_path / "junk")
+
+
+def test_metrics_resume_drops_rows_after_checkpoint(tmp_path):
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for s in range(1, 6):
+        log.log(s, loss=float(s))
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss"')  # torn line from a crash
+    log = MetricsLogger(tmp_path, tensorboard=False, resume_step=3)
+    log.log(4, loss=40.0)
+    log.close()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["loss"] == 40.0
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def test_metrics_nonfinite_values_stay_visible(tmp_path):
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    row = log.log(1, loss=float("nan"))
+    log.close()
+    assert row["loss"] == "nan"
