@@ -35,6 +35,7 @@ class EvalRequest:
     batch_size: int = 64
     progress: bool = True
     options: dict[str, Any] = field(default_factory=dict)  # benchmark-specific: steps, cfg, threshold …
+    grid: Path | None = None             # where image benchmarks write a PNG grid of their samples
 
 
 def run_benchmark(name: str, req: EvalRequest) -> dict:
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         req = EvalRequest(checkpoint=ckpt, prompts=args.prompts, problems=args.problems,
                           samples_per_prompt=args.samples_per_prompt, seed=args.seed, device=args.device,
                           batch_size=args.batch_size, progress=not args.no_progress,
-                          options=_parse_options(args.options))
+                          options=_parse_options(args.options),
+                          grid=args.out.with_suffix(".png") if args.out else None)
         result = run_benchmark(args.benchmark, req)
     except (CheckpointError, RegistryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """python -m rlgen.pretrain --config configs/pretrain/<name>.yaml [key=value ...]
 
 The config's ``kind`` picks the trainer: flow_pretrain (flow matching, images), mdm_pretrain
-(masked diffusion, text), clip_pretrain (a tiny CLIP for the clip_score reward).
+(masked diffusion, text), clip_pretrain (a tiny CLIP for the clip_score reward),
+classifier_pretrain (the image classifier behind verifier rewards and metrics).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ TRAINERS = {
     "flow_pretrain": "rlgen.pretrain.flow_matching:train",
     "mdm_pretrain": "rlgen.pretrain.masked_diffusion:train",
     "clip_pretrain": "rlgen.pretrain.clip:train",
+    "classifier_pretrain": "rlgen.pretrain.classifier:train",
 }
 
 
