@@ -50,7 +50,7 @@ def _import_builtin_kinds() -> None:
     import importlib
 
     for mod in ("rlgen.pretrain.flow_matching", "rlgen.pretrain.masked_diffusion", "rlgen.pretrain.clip",
-                "rlgen.pretrain.classifier",
+                "rlgen.pretrain.classifier", "rlgen.pretrain.aesthetic",
                 "rlgen.runtime.job"):
         try:
             importlib.import_module(mod)

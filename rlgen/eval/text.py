@@ -93,6 +93,8 @@ def score_problems(model, problems: list[dict], settings: dict | None = None, ba
                    samples_per_prompt: int = 1, generator=None, progress: bool = False,
                    n_examples: int = 8) -> dict:
     """Accuracy overall and per level (+ the hard levels) of ``problems``; shared by the trainer."""
+    if not problems:
+        raise ValueError("no problems to score")
     task = get_task(problems[0]["task"])
     expanded = [p for p in problems for _ in range(samples_per_prompt)]
     texts, stats = decode_problems(model, expanded, settings, batch_size, generator, progress)

@@ -30,9 +30,12 @@ def read_model_meta(path: str | Path) -> dict:
 def load_model(path: str | Path, device: str = "cpu"):
     """Load any rlgen model from a checkpoint folder or a run folder (→ latest checkpoint)."""
     from rlgen.registry import MODELS
-    from rlgen.runtime.rundir import resolve_checkpoint
+    from rlgen.runtime.rundir import CheckpointError, resolve_checkpoint
 
-    ckpt = resolve_checkpoint(path)
+    try:
+        ckpt = resolve_checkpoint(path)
+    except CheckpointError as e:  # a missing or empty folder is a model that cannot load
+        raise ModelLoadError(str(e)) from e
     meta = read_model_meta(ckpt)
     cls = MODELS.get(meta["model_type"])
     try:

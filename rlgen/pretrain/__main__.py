@@ -2,7 +2,8 @@
 
 The config's ``kind`` picks the trainer: flow_pretrain (flow matching, images), mdm_pretrain
 (masked diffusion, text), clip_pretrain (a tiny CLIP for the clip_score reward),
-classifier_pretrain (the image classifier behind verifier rewards and metrics).
+classifier_pretrain (the image classifier behind verifier rewards and metrics),
+aesthetic_pretrain (an aesthetic head on CLIP embeddings, from preference pairs or ratings).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ TRAINERS = {
     "mdm_pretrain": "rlgen.pretrain.masked_diffusion:train",
     "clip_pretrain": "rlgen.pretrain.clip:train",
     "classifier_pretrain": "rlgen.pretrain.classifier:train",
+    "aesthetic_pretrain": "rlgen.pretrain.aesthetic:train",
 }
 
 

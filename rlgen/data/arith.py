@@ -1,0 +1,75 @@
+"""arith: multi-digit +, −, × with fixed-width, reversed answers.
+
+Problem  {"task": "arith", "expression": "047+085"}   (operands as written; zero-padding kept)
+Prompt   "047+085="
+Answer   "2310"   = 132 zero-padded to 4 slots, least significant digit first
+
+Why reversed: a model that writes the least significant digit first has every carry it needs
+already on the page; measured on this machine (FEASIBILITY.md), a 0.8M-parameter masked-diffusion
+LM learns 2-digit ± in minutes this way and not at all with natural order. Fixed widths (operands
+zero-padded to the level's digit count, answers to ``arith_width``) keep every example of a level
+the same length, so batches carry no padding. The sign of a subtraction sits in the last slot
+("0" or "-"), so ``12-47`` → ``"53-"``; the generator itself only writes a ≥ b.
+
+Levels (difficulty = digit count, named so a level can be read off any expression):
+    pmN     a ± b, both N-digit (zero-padded), answer N+1 slots    e.g. pm2, pm3
+    mulNxM  a × b, a N-digit, b M-digit, answer N+M slots          e.g. mul1x1, mul2x1
+Default training mix: pm2, pm3, mul2x1; the benchmark's harder difficulty is pm3 + mul2x1.
+"""
+from __future__ import annotations
+
+import random
+import re
+
+from rewards.text_verifiers import arith_width, format_arith_answer, parse_arith, verify_arith
+
+_LEVEL = re.compile(r"pm(\d)|mul(\d)x(\d)")
+
+
+class ArithTask:
+    name = "arith"
+    fields = {"expression": str}
+    levels = ("pm2", "pm3", "mul2x1")
+    hard_levels = ("pm3", "mul2x1")
+
+    def validate(self, problem: dict) -> None:
+        parse_arith(problem["expression"])  # ValueError with the expression in the message
+
+    def level_of(self, problem: dict) -> str:
+        a, op, b = parse_arith(problem["expression"])
+        return f"mul{len(a)}x{len(b)}" if op == "*" else f"pm{max(len(a), len(b))}"
+
+    def sample(self, rng: random.Random, level: str) -> dict:
+        m = _LEVEL.fullmatch(level)
+        if m is None:
+            raise ValueError(f"arith level {level!r}: expected pmN or mulNxM (e.g. pm2, mul2x1)")
+        if m.group(1):
+            n = int(m.group(1))
+            a, b = rng.randrange(10**n), rng.randrange(10**n)
+            op = rng.choice("+-")
+            if op == "-" and a < b:  # non-negative differences only, as in the measured recipe
+                a, b = b, a
+            expr = f"{a:0{n}d}{op}{b:0{n}d}"
+        else:
+            n, k = int(m.group(2)), int(m.group(3))
+            expr = f"{rng.randrange(10**n):0{n}d}*{rng.randrange(10**k):0{k}d}"
+        return {"task": self.name, "expression": expr, "level": level}
+
+    def key(self, problem: dict) -> str:
+        # + and × commute: "12+34" and "34+12" share a key, so the held-out split keeps both out.
+        a, op, b = parse_arith(problem["expression"])
+        if op in "+*" and b < a:
+            a, b = b, a
+        return f"{a}{op}{b}"
+
+    def format_prompt(self, problem: dict) -> str:
+        return problem["expression"] + "="
+
+    def reference_answer(self, problem: dict) -> str:
+        return format_arith_answer(problem["expression"])
+
+    def gen_length(self, problem: dict) -> int:
+        return arith_width(problem["expression"])
+
+    def check(self, problem: dict, text: str, partial: bool = False) -> float:
+        return verify_arith(problem, text, partial=partial)

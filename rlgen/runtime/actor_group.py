@@ -1,0 +1,87 @@
+"""``RayActorGroup``: N actors of one class in a placement group, called as one (OpenRLHF's pattern).
+
+The driver talks to a group, never to single actors: ``call`` runs a method on every actor with
+the same arguments, ``call_sharded`` gives actor i the i-th argument. Each actor gets one bundle of
+the placement group, so a group's resources are reserved together (PACK: on as few nodes as
+possible, so data-parallel ranks talk over the fastest links) and released together.
+"""
+from __future__ import annotations
+
+import socket
+from typing import Any, Callable, Sequence
+
+import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on this machine right now (bound, read, released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@ray.remote(num_cpus=0)
+def _remote_addr_and_port() -> tuple[str, int]:
+    return ray.util.get_node_ip_address(), free_port("")
+
+
+class RayActorGroup:
+    """``num_actors`` instances of ``actor_cls`` (a plain class), one per placement-group bundle.
+
+    ``make_args(rank, master_addr, master_port) -> (args, kwargs)`` builds each actor's constructor
+    arguments; ``master_addr``/``master_port`` is a rendezvous point on the node of bundle 0 (rank 0's
+    node), for actors that form a torch.distributed group.
+    """
+
+    def __init__(self, actor_cls: type, num_actors: int, make_args: Callable[[int, str, int], tuple[tuple, dict]],
+                 num_cpus: float = 1.0, num_gpus: float = 0.0, strategy: str = "PACK", name: str = ""):
+        if num_actors < 1:
+            raise ValueError(f"num_actors must be >= 1, got {num_actors}")
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        self.pg = placement_group([dict(bundle) for _ in range(num_actors)], strategy=strategy, name=name)
+        try:
+            ray.get(self.pg.ready(), timeout=120)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise RuntimeError(f"cannot reserve {num_actors} × {bundle} ({strategy}) for {actor_cls.__name__}: "
+                               f"the cluster has {ray.available_resources()} available") from None
+        addr, port = self._rendezvous()
+        remote_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(actor_cls)
+        self.actors = []
+        for rank in range(num_actors):
+            args, kwargs = make_args(rank, addr, port)
+            strategy_i = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
+            self.actors.append(remote_cls.options(scheduling_strategy=strategy_i).remote(*args, **kwargs))
+
+    def _rendezvous(self) -> tuple[str, int]:
+        """Address + free port on bundle 0's node: loopback when that is this node."""
+        node0 = placement_group_table(self.pg)["bundles_to_node_id"][0]
+        if node0 == ray.get_runtime_context().get_node_id():
+            return "127.0.0.1", free_port()
+        on_node0 = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0)
+        return ray.get(_remote_addr_and_port.options(scheduling_strategy=on_node0).remote())
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def call_async(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def call(self, method: str, *args, **kwargs) -> list[Any]:
+        """``method(*args, **kwargs)`` on every actor; results in rank order."""
+        return ray.get(self.call_async(method, *args, **kwargs))
+
+    def call_sharded(self, method: str, shards: Sequence[Any], **kwargs) -> list[Any]:
+        """Actor i runs ``method(shards[i], **kwargs)``; results in rank order."""
+        if len(shards) != len(self.actors):
+            raise ValueError(f"{len(shards)} shards for {len(self.actors)} actors")
+        return ray.get([getattr(a, method).remote(s, **kwargs) for a, s in zip(self.actors, shards)])
+
+    def shutdown(self) -> None:
+        """Kill the actors and free their reservation."""
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+        remove_placement_group(self.pg)

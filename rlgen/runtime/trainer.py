@@ -1,0 +1,248 @@
+"""The driver: one loop on the Ray driver, the same for every on-policy image algorithm.
+
+    prompts → rollouts (RolloutWorkers) → rewards (RewardWorkers) → advantages → learner update
+    (DeepSpeed LearnerGroup) → weight sync → held-out eval → checkpoint
+
+Every iteration appends one row to metrics.jsonl; checkpoints hold the policy (loadable on its
+own), DeepSpeed's optimizer state and ``driver_state.json``. ``run.resume=auto`` continues from the
+newest complete checkpoint; prompts and sampling seeds are functions of (seed, iteration), so a
+resumed run draws what the uninterrupted run would have drawn.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rlgen.algos.advantages import group_advantages
+from rlgen.runtime.job import FlowGRPOJobConfig
+from rlgen.runtime.rundir import (MetricsLogger, atomic_checkpoint, find_latest_checkpoint, prepare_run_dir,
+                                  prune_checkpoints, resolve_checkpoint)
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.default_rng(list(parts)).integers(2**62))
+
+
+class Trainer:
+    def __init__(self, cfg: FlowGRPOJobConfig):
+        self.cfg = cfg
+        self.run_dir: Path = cfg.run.dir
+        self.started_ray = False
+
+    # ------------------------------------------------------------------------------------------
+    # set-up
+    # ------------------------------------------------------------------------------------------
+    def _base_checkpoint(self) -> Path:
+        """The starting policy; pretrained here first if the configured checkpoint is missing."""
+        p = Path(self.cfg.policy.checkpoint)
+        if not p.exists():
+            from rlgen.config import load_config
+            from rlgen.pretrain.flow_matching import train as pretrain
+
+            print(f"[rlgen] base model {p} not found: pretraining it with {self.cfg.policy.pretrain_config}")
+            pcfg = load_config(self.cfg.policy.pretrain_config,
+                               [f"run.root={p.parent}", f"run.name={p.name}", "run.resume=auto",
+                                *self.cfg.policy.pretrain_overrides])
+            pretrain(pcfg)
+        return resolve_checkpoint(p)
+
+    def _start_actors(self, policy_path: Path) -> None:
+        import ray
+
+        from rewards.worker import RewardWorker
+        from rlgen.runtime.learner import LearnerGroup
+        from rollouts.worker import RolloutWorker
+
+        c, r = self.cfg, self.cfg.resources
+        need = r.rollout_workers * r.rollout_cpus + r.reward_workers * r.reward_cpus + \
+            c.learner.num_learners * r.learner_cpus
+        self.started_ray = __import__("rlgen.runtime.cluster", fromlist=["init_ray"]).init_ray(c.ray, need)
+        threads = max(1, int(r.rollout_cpus))
+        actor = ray.remote(num_cpus=r.rollout_cpus, num_gpus=r.rollout_gpus, max_restarts=2)(RolloutWorker)
+        self.rollout_workers = [actor.remote(str(policy_path), c.rollout, threads, c.run.device, i)
+                                for i in range(r.rollout_workers)]
+        self.reward_workers = [RewardWorker.options(num_cpus=r.reward_cpus, max_restarts=2).remote(
+            c.rewards.weights, c.rewards.kwargs, c.rewards.nan, c.rewards.timeout_s)
+            for _ in range(r.reward_workers)]
+        self.learners = LearnerGroup(str(policy_path), c.learner, c.algo, num_cpus=r.learner_cpus,
+                                     num_gpus=r.learner_gpus)
+        ray.get([w.get_version.remote() for w in self.rollout_workers])  # fail fast if a worker cannot start
+
+    # ------------------------------------------------------------------------------------------
+    # one iteration
+    # ------------------------------------------------------------------------------------------
+    def _rollouts(self, it: int):
+        """Shard prompt groups across workers; score each shard as soon as it arrives."""
+        import ray
+
+        from rlgen.runtime.batches import ImageRollout
+
+        c = self.cfg
+        prompts = self.prompt_source.sample(it)
+        g = c.prompts.group_size
+        n_w = len(self.rollout_workers)
+        shards = [list(range(i, len(prompts), n_w)) for i in range(n_w)]
+        pending, owner = {}, {}
+        t0 = time.time()
+        for w_idx, (worker, idxs) in enumerate(zip(self.rollout_workers, shards)):
+            if not idxs:
+                continue
+            ps = [prompts[i] for i in idxs for _ in range(g)]
+            gids = torch.tensor([i for i in idxs for _ in range(g)])
+            ref = worker.generate.remote(ps, gids, _seed(c.run.seed, it, w_idx))
+            pending[ref], owner[ref] = w_idx, ps
+        rollouts, scores, t_roll = [], [], 0.0
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            w_idx = pending.pop(ref)
+            ro = ray.get(ref)
+            t_roll = time.time() - t0
+            rw = self.reward_workers[w_idx % len(self.reward_workers)]
+            rollouts.append(ro)
+            scores.append(rw.score.remote(ro.samples.numpy(), ro.prompts, {}))
+        t1 = time.time()
+        mixed = ray.get(scores)
+        t_reward = time.time() - t1
+        batch = ImageRollout.cat(rollouts)
+        batch.rewards = torch.cat([m.total for m in mixed]).float()
+        batch.reward_components = {k: torch.cat([m.components[k] for m in mixed]).float() for k in mixed[0].components}
+        return batch, mixed, t_roll, t_reward
+
+    def _iteration(self, it: int) -> dict:
+        import ray
+
+        c = self.cfg
+        t_start = time.time()
+        batch, mixed, t_roll, t_reward = self._rollouts(it)
+        batch.advantages = group_advantages(batch.rewards, batch.group_ids, c.algo.adv_eps, c.algo.global_std)
+        t0 = time.time()
+        learn = self.learners.train(batch)
+        t_learn = time.time() - t0
+        t0 = time.time()
+        version, state = self.learners.get_weights()
+        ref = ray.put(state)
+        ray.get([w.load_weights.remote(version, ref) for w in self.rollout_workers])
+        t_sync = time.time() - t0
+        t_iter = time.time() - t_start
+        r = batch.rewards[~torch.isnan(batch.rewards)]
+        row = {"reward_mean": r.mean().item() if len(r) else float("nan"),
+               "reward_std": r.std().item() if len(r) > 1 else 0.0,
+               "reward_none": int(torch.isnan(batch.rewards).sum()),
+               **{f"reward/{k}": v[~torch.isnan(v)].mean().item() for k, v in batch.reward_components.items()},
+               **{k: v for k, v in learn.items()},
+               "frac_zero_adv": (batch.advantages == 0).float().mean().item(),
+               "weights_version": version,
+               "time_rollout": t_roll, "time_reward": t_reward, "time_learn": t_learn, "time_sync": t_sync,
+               "time_iter": t_iter,
+               "time_overhead": max(0.0, t_iter - t_roll - t_reward - t_learn - t_sync)}
+        if c.train.grid_every and it % c.train.grid_every == 0:
+            from rlgen.viz import save_image_grid
+
+            save_image_grid(batch.samples[:64], self.run_dir / "samples" / f"train_{it:05d}.png",
+                            nrow=c.prompts.group_size, captions=batch.prompts[:64], caption_every=c.prompts.group_size)
+        return row
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation and checkpoints
+    # ------------------------------------------------------------------------------------------
+    def _evaluate(self, it: int) -> dict:
+        import ray
+
+        if self.evaluator is None:
+            return {}
+        e = self.cfg.eval
+        images = torch.from_numpy(ray.get(self.rollout_workers[0].generate_eval.remote(
+            self.evaluator.prompts, e.num_steps, e.cfg_scale, e.seed)))
+        res = self.evaluator.score(images)
+        from rlgen.viz import save_image_grid
+
+        k = e.samples_per_prompt
+        idx = list(range(0, len(images), k))[:64]
+        save_image_grid(images[idx], self.run_dir / "samples" / f"eval_{it:05d}.png", nrow=8,
+                        captions=[self.evaluator.prompts[i] for i in idx])
+        out = {"eval/accuracy": res["accuracy"], **{f"eval/{t}": v for t, v in res["per_task"].items()}}
+        for key in ("fd", "diversity", "mean_score"):
+            if key in res:
+                out[f"eval/{key}"] = res[key]
+        self.eval_history.append({"step": it, **out})
+        return out
+
+    def _save(self, it: int) -> None:
+        with atomic_checkpoint(self.run_dir, it) as d:
+            self.learners.save(str(d))
+            (d / "driver_state.json").write_text(json.dumps(
+                {"iteration": it, "eval_history": self.eval_history, "seed": self.cfg.run.seed}))
+        prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+
+    def _resume(self) -> int:
+        mode = self.cfg.run.resume
+        if mode == "no":
+            return 0
+        ckpt = find_latest_checkpoint(self.run_dir) if mode == "auto" else resolve_checkpoint(mode)
+        if ckpt is None:
+            return 0
+        state = json.loads((ckpt / "driver_state.json").read_text())
+        self.learners.load(str(ckpt))
+        version, weights = self.learners.get_weights()
+        import ray
+
+        ref = ray.put(weights)
+        ray.get([w.load_weights.remote(version, ref) for w in self.rollout_workers])
+        self.eval_history = state.get("eval_history", [])
+        print(f"[rlgen] resumed from {ckpt} (iteration {state['iteration']})")
+        return int(state["iteration"])
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        from rlgen.runtime.evaluator import ImageEvaluator
+        from rlgen.runtime.prompts import PromptSource
+        from rlgen.runtime.report import write_report
+        from rlgen.utils import seed_everything
+
+        c = self.cfg
+        seed_everything(c.run.seed)
+        base = self._base_checkpoint()
+        prepare_run_dir(c)
+        self.prompt_source = PromptSource(c.prompts, c.run.seed)
+        self.evaluator = ImageEvaluator(c.eval) if c.eval.benchmark else None
+        self.eval_history: list[dict] = []
+        self._start_actors(base)
+        try:
+            start = self._resume()
+            log = MetricsLogger(self.run_dir, c.run.tensorboard, resume_step=start if start > 0 else None)
+            if start == 0:
+                log.log(0, **self._evaluate(0))
+                self._save(0)
+            t0 = time.time()
+            bar = tqdm(range(start + 1, c.train.iterations + 1), desc="flow_grpo", disable=not c.run.progress,
+                       initial=start, total=c.train.iterations)
+            it = start
+            for it in bar:
+                row = self._iteration(it)
+                last = it == c.train.iterations or (c.train.max_minutes and time.time() - t0 > 60 * c.train.max_minutes)
+                if (c.eval.every and it % c.eval.every == 0) or last:
+                    row.update(self._evaluate(it))
+                log.log(it, **row)
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row.get('kl', 0):.2e}",
+                                clip=f"{row.get('clip_frac', 0):.2f}")
+                if it % c.train.save_every == 0 or last:
+                    self._save(it)
+                if last:
+                    break
+            log.close()
+            report = write_report(self.run_dir, self.eval_history, title=f"{c.kind}: {c.run.name}")
+            return {"iterations": it, "eval_history": self.eval_history, "report": str(report)}
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        import ray
+
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()

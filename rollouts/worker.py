@@ -1,0 +1,57 @@
+"""RolloutWorker: a Ray actor holding a policy copy; samples SDE rollouts and evaluation images.
+
+Thin on purpose: sampling lives in ``rollouts/image.py``, weight loading in the learner module.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rollouts.image import ImageRolloutConfig, rollout_images
+
+
+class RolloutWorker:
+    def __init__(self, policy_path: str, rollout_cfg: ImageRolloutConfig, num_threads: int = 1,
+                 device: str = "auto", worker_index: int = 0):
+        import rlgen  # noqa: F401  (torchvision compatibility in this process)
+        from rlgen.models import load_model
+        from rlgen.utils import resolve_device, set_threads
+
+        set_threads(num_threads)
+        self.index = worker_index
+        self.cfg = rollout_cfg
+        self.policy = load_model(policy_path, device=str(resolve_device(device))).eval()
+        self.policy.requires_grad_(False)
+        self.version = 0
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def generate(self, prompts: list[str], group_ids: torch.Tensor, seed: int):
+        gen = torch.Generator().manual_seed(int(seed))
+        return rollout_images(self.policy, prompts, group_ids, self.cfg, gen, weights_version=self.version)
+
+    @torch.no_grad()
+    def generate_eval(self, prompts: list[str], num_steps: int, cfg_scale: float, seed: int,
+                      batch_size: int = 64) -> np.ndarray:
+        """Deterministic ODE samples for held-out evaluation, as (B, C, H, W) float32 numpy."""
+        gen = torch.Generator().manual_seed(int(seed))
+        images = self.policy.generate(prompts, num_steps=num_steps, cfg_scale=cfg_scale, noise_level=0.0,
+                                      shift=self.cfg.shift, generator=gen, batch_size=batch_size)
+        return images.float().cpu().numpy()
+
+    def load_weights(self, version: int, state: dict) -> int:
+        from rlgen.runtime.learner import load_numpy_weights
+
+        load_numpy_weights(self.policy, state)
+        self.version = int(version)
+        return self.version
+
+    def get_version(self) -> int:
+        return self.version
+
+    def param_checksum(self) -> float:
+        """Sum of all parameters: a cheap way for tests/driver to compare weights across actors."""
+        return float(sum(p.double().sum() for p in self.policy.parameters()))
