@@ -182,6 +182,7 @@ def test_second_engine_in_process_and_its_shutdown(engine, model_dirs):
 
 
 def test_engine_as_ray_actor(model_dirs, hf):
+    import shutil
     import tempfile
 
     import ray
@@ -200,3 +201,4 @@ def test_engine_as_ray_actor(model_dirs, hf):
         ray.get(actor.shutdown.remote())
     finally:
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
