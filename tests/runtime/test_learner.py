@@ -5,6 +5,7 @@ The reference facts are computed in this process: the Flow-GRPO update with a pl
 (``TorchEngine``) on the whole batch, and the initial policy saved to disk.
 """
 import copy
+import shutil
 import tempfile
 
 import numpy as np
@@ -54,10 +55,11 @@ def world(tmp_path_factory):
     engine = TorchEngine.adamw(trained, cfg, grad_accum_steps(cfg, BATCH, SDE_STEPS))
     ref = copy.deepcopy(policy).requires_grad_(False)
     flow_grpo_update(trained, ref, batch, ALGO, cfg, engine, torch.Generator().manual_seed(0))
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-             log_to_driver=False)
+    ray_dir = tempfile.mkdtemp(prefix="rlgen_learner_ray_", dir="/tmp")  # short: Ray's socket paths are limited
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_dir, log_to_driver=False)
     yield dict(policy=policy, path=str(path), batch=batch, trained=trained)
     ray.shutdown()
+    shutil.rmtree(ray_dir, ignore_errors=True)
     torch.set_num_threads(n_threads)
 
 
