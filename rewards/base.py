@@ -186,7 +186,7 @@ def _prompt_at(prompts, i: int) -> str:
 def to_score_tensor(out, name: str, prompts, nan: str) -> tuple[torch.Tensor, int, int]:
     """A reward's output → ((B,) float32 with NaN = no score, #None, #dropped NaN/inf)."""
     n = len(prompts)
-    if isinstance(out, (torch.Tensor, np.ndarray)):
+    if isinstance(out, torch.Tensor) or (isinstance(out, np.ndarray) and out.dtype != object):
         t = torch.as_tensor(out).detach().to("cpu", torch.float32)
         if t.dim() != 1:
             raise RewardError(f"reward '{name}' returned a tensor of shape {tuple(t.shape)}; expected ({n},)",

@@ -1,6 +1,7 @@
 """Starting or attaching to a Ray cluster with safe defaults (127.0.0.1, no dashboard, no token)."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ def init_ray(cfg: RayConfig, min_cpus: float) -> bool:
         ray.init(address=cfg.address, log_to_driver=True, runtime_env=runtime_env)
         return False
     temp = cfg.temp_dir or tempfile.mkdtemp(prefix="rlgen_ray_", dir="/tmp" if os.path.isdir("/tmp") else None)
-    kwargs = dict(num_cpus=max(cfg.num_cpus, min_cpus), include_dashboard=cfg.dashboard, _temp_dir=temp,
+    kwargs = dict(num_cpus=math.ceil(max(cfg.num_cpus, min_cpus)), include_dashboard=cfg.dashboard, _temp_dir=temp,
                   dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env,
                   _node_ip_address="127.0.0.1")
     if cfg.num_gpus >= 0:

@@ -54,7 +54,7 @@ class Trainer:
     def _start_actors(self, policy_path: Path) -> None:
         import ray
 
-        from rewards.worker import RewardWorker
+        from rewards.worker import make_reward_worker
         from rlgen.runtime.learner import LearnerGroup
         from rollouts.worker import RolloutWorker
 
@@ -66,11 +66,13 @@ class Trainer:
         actor = ray.remote(num_cpus=r.rollout_cpus, num_gpus=r.rollout_gpus, max_restarts=2)(RolloutWorker)
         self.rollout_workers = [actor.remote(str(policy_path), c.rollout, threads, c.run.device, i)
                                 for i in range(r.rollout_workers)]
-        self.reward_workers = [RewardWorker.options(num_cpus=r.reward_cpus, max_restarts=2).remote(
-            c.rewards.weights, c.rewards.kwargs, c.rewards.nan, c.rewards.timeout_s)
-            for _ in range(r.reward_workers)]
-        self.learners = LearnerGroup(str(policy_path), c.learner, c.algo, num_cpus=r.learner_cpus,
-                                     num_gpus=r.learner_gpus)
+        self.reward_workers = [make_reward_worker(c.rewards_config(), num_cpus=r.reward_cpus, max_restarts=2)
+                               for _ in range(r.reward_workers)]
+        ro = c.rollout
+        sde_steps = ro.sde_window if 0 < ro.sde_window < ro.num_steps else ro.num_steps
+        self.learners = LearnerGroup(str(policy_path), c.learner, c.algo,
+                                     batch_size=c.prompts.per_iteration * c.prompts.group_size,
+                                     num_sde_steps=sde_steps, num_cpus=r.learner_cpus, num_gpus=r.learner_gpus)
         ray.get([w.get_version.remote() for w in self.rollout_workers])  # fail fast if a worker cannot start
 
     # ------------------------------------------------------------------------------------------
@@ -244,5 +246,7 @@ class Trainer:
     def shutdown(self) -> None:
         import ray
 
+        if getattr(self, "learners", None) is not None:
+            self.learners.shutdown()
         if self.started_ray and ray.is_initialized():
             ray.shutdown()

@@ -12,6 +12,17 @@ from rlgen.config import load_config
 from rlgen.data import shapes as S
 from rlgen.pretrain.aesthetic import fit_head, pairwise_accuracy, train
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Thousands of tiny matmuls: one intra-op thread is fastest and immune to a busy CPU
+    (two spinning OpenMP threads on a shared 2-core machine cost 10-100x)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 LAION_SHAPES = {"layers.0.weight": (1024, 768), "layers.0.bias": (1024,), "layers.2.weight": (128, 1024),
                 "layers.2.bias": (128,), "layers.4.weight": (64, 128), "layers.4.bias": (64,),
                 "layers.6.weight": (16, 64), "layers.6.bias": (16,), "layers.7.weight": (1, 16), "layers.7.bias": (1,)}

@@ -111,6 +111,15 @@ def test_clip_loss_is_open_clip_loss_for_distinct_captions_and_multi_positive_ot
 
 
 def test_trainer_writes_loadable_checkpoints_and_resumes(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: one thread is fastest on a shared CPU
+    try:
+        _train_and_resume(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_resume(tmp_path):
     over = [f"run.root={tmp_path}", "run.name=c", "run.progress=false", "run.tensorboard=false",
             "train.batch_size=16", "train.checkpoint_every=1", "train.warmup_steps=1",
             "data.eval_per_group=6", "data.eval_candidates=4"]

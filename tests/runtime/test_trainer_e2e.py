@@ -22,7 +22,7 @@ def tiny_policy(path):
 
 def overrides(tmp_path, policy, iterations):
     return [f"run.root={tmp_path}", "run.name=e2e", "run.progress=false", "run.tensorboard=false",
-            f"policy.checkpoint={policy}", f"ray.temp_dir={tmp_path / 'ray'}",
+            f"policy.checkpoint={policy}", "rewards={'rewards.examples:brightness': 1.0}",
             "prompts.per_iteration=2", "prompts.group_size=4", "rollout.num_steps=4", "rollout.batch_size=8",
             "learner.micro_batch_size=4", "learner.timestep_fraction=0.5", f"train.iterations={iterations}",
             "train.save_every=1", "train.grid_every=1", "eval.every=2", "eval.prompts_per_task=1",
