@@ -1,0 +1,106 @@
+"""Decoding strategies for a masked-diffusion LM, measured side by side in one run.
+
+    python benchmarks/bench_mdm_decoding.py --checkpoint runs/mdm_countdown_base --task countdown
+
+For each strategy: accuracy on held-out problems, forward passes per answer token (NFE/token),
+tokens/s batched (--batch-size) and at batch 1 (on --n1 problems), all as ratios to LLaDA's
+default (one token per step, one block). Strategies:
+  one_per_step      steps = gen_length (the baseline)
+  half_steps        steps = gen_length / 2 (two tokens per step)
+  threshold_<t>     confidence-threshold parallel decoding (Fast-dLLM), per-row early exit
+  threshold+cache   the same with approximate prefix KV caching, blocks of --cache-block tokens
+                    (only for models that accept past_key_values; else reported as n/a)
+No absolute-time claims: timings are noisy; compare the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+
+from rlgen.data.text_tasks import get_task
+from rlgen.data.tokenizer import decode_completion, encode_batch
+from rlgen.eval.text import benchmark_problems
+from rlgen.models import load_model
+from rlgen.samplers.masked import generate
+
+
+def decode(model, problems, batch_size, **kw) -> tuple[list[float], int, int, float]:
+    """(rewards, row forward passes, answer tokens, seconds) for one strategy."""
+    tok = model.tokenizer
+    ids = encode_batch(tok, [get_task(p["task"]).format_prompt(p) for p in problems])
+    groups = defaultdict(list)
+    for i, p in enumerate(problems):
+        groups[(len(ids[i]), get_task(p["task"]).gen_length(p))].append(i)
+    rewards = [0.0] * len(problems)
+    steps = tokens = 0
+    secs = 0.0
+    for (_, g), idx in sorted(groups.items()):
+        block = min(kw.get("block_length") or g, g)
+        block = g if g % block else block
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s:s + batch_size]
+            prompt = torch.tensor([ids[i] for i in chunk])
+            n_steps = kw.get("steps") or g
+            n_steps = max(g // block, n_steps - n_steps % (g // block))
+            t0 = time.perf_counter()
+            out = generate(model, prompt, gen_length=g, steps=n_steps, block_length=block,
+                           threshold=kw.get("threshold"), cache=kw.get("cache"), mask_id=model.mask_id,
+                           eos_id=model.eos_id, forbidden_ids=(model.pad_id, model.mask_id))
+            secs += time.perf_counter() - t0
+            for i, row in zip(chunk, out.answer.tolist()):
+                rewards[i] = get_task(problems[i]["task"]).check(problems[i], decode_completion(tok, row))
+            steps += int(out.steps_taken.sum())
+            tokens += len(chunk) * g
+    return rewards, steps, tokens, secs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--task", default="arith")
+    ap.add_argument("--n-per-level", type=int, default=200)
+    ap.add_argument("--n1", type=int, default=48, help="problems decoded at batch 1")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--thresholds", default="0.9,0.7")
+    ap.add_argument("--cache-block", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.checkpoint).eval()
+    problems = benchmark_problems(args.task, None, {"n_per_level": args.n_per_level})
+    strategies = {"one_per_step": {}, "half_steps": {"half": True}}
+    for t in args.thresholds.split(","):
+        strategies[f"threshold_{t}"] = {"threshold": float(t)}
+    strategies["threshold+cache"] = {"threshold": float(args.thresholds.split(",")[0]), "cache": "prefix",
+                                     "block_length": args.cache_block}
+    rows = {}
+    with torch.no_grad():
+        for name, kw in strategies.items():
+            if kw.pop("half", False):
+                g = get_task(args.task).gen_length(problems[0])
+                kw["steps"] = max(1, g // 2)
+            try:
+                r, steps, toks, secs = decode(model, problems, args.batch_size, **dict(kw))
+                _, _, toks1, secs1 = decode(model, problems[:args.n1], 1, **dict(kw))
+            except (ValueError, TypeError) as e:
+                rows[name] = None
+                print(f"{name}: n/a ({e})")
+                continue
+            rows[name] = (sum(r) / len(r), steps / toks, toks / secs, toks1 / secs1)
+    base = rows["one_per_step"]
+    print(f"\ntask={args.task} problems={len(problems)} batch={args.batch_size} threads={args.threads}")
+    print(f"{'strategy':18s} {'accuracy':>8s} {'Δacc(pt)':>8s} {'NFE/tok':>8s} {'tok/s×(B)':>10s} {'tok/s×(1)':>10s}")
+    for name, row in rows.items():
+        if row is None:
+            print(f"{name:18s} {'n/a':>8s}")
+            continue
+        acc, nfe, tps, tps1 = row
+        print(f"{name:18s} {acc:8.3f} {100 * (acc - base[0]):+8.1f} {nfe:8.3f} {tps / base[2]:10.2f} "
+              f"{tps1 / base[3]:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
