@@ -81,3 +81,9 @@ def test_malformed_inputs(tmp_path):
 def test_from_dict_roundtrip():
     cfg = from_dict(ToyJob, {"steps": 3, "optim": {"betas": [0.5, 0.6]}})
     assert cfg.optim.betas == [0.5, 0.6] and cfg.run.seed == 0
+
+
+def test_yes_no_stay_strings_true_false_are_booleans(tmp_path):
+    p = write(tmp_path, "kind: toy_job\nrun:\n  resume: no\nuse_ema: false\n")
+    cfg = load_config(p, ["note=off"])
+    assert cfg.run.resume == "no" and cfg.use_ema is False and cfg.note == "off"

@@ -17,7 +17,7 @@ step; clipped to gen_length and rounded down to a multiple of the number of bloc
 ``remasking`` [low_confidence], ``cfg_scale`` [0].
 
 Result: ``accuracy`` (all samples), ``per_task`` (level → accuracy), ``hard_accuracy`` (the task's
-harder levels, e.g. arith pm3 + mul2x1), ``n``, the settings, ``nfe_per_token`` (forward passes a
+harder levels, e.g. arith pm3), ``n``, the settings, ``nfe_per_token`` (forward passes a
 row took per answer token; 1.0 = one token per step) and ``tokens_per_s`` (answer tokens decoded
 per second of decoding, batched at ``--batch-size``), ``pass_at_k`` when samples_per_prompt > 1.
 """

@@ -53,7 +53,7 @@ class FlowModelConfig:
     image_size: int = 32
     # unet backbone
     unshuffle: int = 2                  # pixel-unshuffle factor before the UNet (1 = none)
-    block_out_channels: list[int] = field(default_factory=lambda: [48, 96, 128])
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 96])  # per level
     cross_attention: list[bool] = field(default_factory=lambda: [False, True, True])  # per level
     layers_per_block: int = 1
     attention_heads: int = 4

@@ -30,10 +30,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
 
 from rlgen.config import RunConfig, register_config, save_config
 from rlgen.models.flow import FlowModelConfig, FlowPolicy
 from rlgen.models.prompt_encoder import PromptEmbeds, words_of
+from rlgen.registry import DATASETS
+from rlgen.runtime.rundir import (MetricsLogger, atomic_checkpoint, find_latest_checkpoint, prepare_run_dir,
+                                  prune_checkpoints, resolve_checkpoint)
+from rlgen.utils import resolve_device, set_threads
+from rlgen.viz import save_image_grid
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,8 +232,6 @@ class DatasetSource:
 
 
 def make_source(cfg: FlowDataConfig, seed: int):
-    from rlgen.registry import DATASETS
-
     obj = DATASETS.get(cfg.dataset)
     make_batch = getattr(sys.modules.get(getattr(obj, "__module__", ""), None), "make_batch", None)
     if cfg.on_the_fly and callable(make_batch):
@@ -245,9 +250,7 @@ class FlowMatchingTrainer:
     """One flow-matching run: set up (fresh or resumed), then ``fit()`` step by step."""
 
     def __init__(self, cfg: FlowPretrainConfig):
-        from diffusers.training_utils import EMAModel
-
-        from rlgen.utils import resolve_device, set_threads
+        from diffusers.training_utils import EMAModel  # heavy import: only when training
 
         set_threads(cfg.run.num_threads)
         self.cfg, self.device = cfg, resolve_device(cfg.run.device)
@@ -259,11 +262,11 @@ class FlowMatchingTrainer:
         self.step, self.elapsed_before = 0, 0.0
         ckpt = self._resume_from()
         if ckpt is None:
+            self._warn_if_not_empty()
             torch.manual_seed(cfg.run.seed)
-            mcfg = cfg.model
-            if not mcfg.vocab:
-                mcfg.vocab = words_of(self.source.prompts(cfg.data.vocab_prompts, cfg.run.seed + 2))
-            self.policy = FlowPolicy.build(mcfg).to(self.device)
+            if not cfg.model.vocab:  # filled in place, so config.yaml records the vocabulary used
+                cfg.model.vocab = words_of(self.source.prompts(cfg.data.vocab_prompts, cfg.run.seed + 2))
+            self.policy = FlowPolicy.build(cfg.model).to(self.device)
         else:
             self.policy = FlowPolicy.from_pretrained(ckpt, device=self.device)  # EMA weights
             cfg.model.vocab = self.policy.config.vocab
@@ -274,17 +277,20 @@ class FlowMatchingTrainer:
         self.opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         if ckpt is not None:
             self._load_trainer_state(ckpt / "trainer_state")
-        from rlgen.runtime.rundir import MetricsLogger, prepare_run_dir
-
         prepare_run_dir(cfg)
         self.logger = MetricsLogger(self.run_dir, cfg.run.tensorboard,
                                     resume_step=self.step if ckpt is not None else None)
         s = cfg.sample
         self.sample_prompts = list(s.prompts) or self.source.prompts(s.num_prompts, s.seed)
 
-    def _resume_from(self) -> Path | None:
-        from rlgen.runtime.rundir import find_latest_checkpoint, resolve_checkpoint
+    def _warn_if_not_empty(self) -> None:
+        old = find_latest_checkpoint(self.run_dir) if self.run_dir.exists() else None
+        if old is not None:
+            print(f"[flow pretrain] warning: starting a fresh run in {self.run_dir}, which holds checkpoints up "
+                  f"to step {old.name}; they are overwritten step by step (run.resume=auto continues instead)",
+                  file=sys.stderr)
 
+    def _resume_from(self) -> Path | None:
         mode = self.cfg.run.resume
         if mode == "no":
             return None
@@ -293,8 +299,6 @@ class FlowMatchingTrainer:
         return resolve_checkpoint(mode)
 
     def _load_trainer_state(self, d: Path) -> None:
-        from safetensors.torch import load_model
-
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: no trainer_state/ to resume from (is this a pretraining checkpoint?)")
         state = json.loads((d / "state.json").read_text())
@@ -332,10 +336,6 @@ class FlowMatchingTrainer:
         return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
 
     def save_checkpoint(self, elapsed_s: float) -> Path:
-        from safetensors.torch import save_model
-
-        from rlgen.runtime.rundir import atomic_checkpoint, prune_checkpoints
-
         with atomic_checkpoint(self.run_dir, self.step) as d:
             with ema_weights(self.ema, self.policy) as ema_policy:
                 ema_policy.save_pretrained(d)  # the published model
@@ -351,8 +351,6 @@ class FlowMatchingTrainer:
         return self.run_dir / "checkpoints" / str(self.step)
 
     def save_samples(self) -> Path:
-        from rlgen.viz import save_image_grid
-
         s = self.cfg.sample
         prompts = [p for p in self.sample_prompts for _ in range(s.per_prompt)]
         with ema_weights(self.ema, self.policy) as ema_policy:
@@ -361,8 +359,6 @@ class FlowMatchingTrainer:
         return save_image_grid(images, self.run_dir / "samples" / f"step_{self.step}.png", nrow=8, captions=prompts)
 
     def fit(self) -> Path:
-        from tqdm.auto import tqdm
-
         t, s = self.cfg.train, self.cfg.sample
         start, recent = time.time(), []
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.cfg.run.progress, desc="flow pretrain")
@@ -387,8 +383,6 @@ class FlowMatchingTrainer:
         bar.close()
         self.logger.close()
         if ckpt is None:  # nothing left to train (resumed at max_steps): the latest checkpoint stands
-            from rlgen.runtime.rundir import find_latest_checkpoint
-
             ckpt = find_latest_checkpoint(self.run_dir)
         return ckpt
 

@@ -33,6 +33,10 @@ class ResourcesConfig:
     reward_cpus: float = 0.5
     learner_cpus: float = 1.0
     learner_gpus: float = 0.0
+    # torch threads per actor; 0 = its CPU count. The synchronous pipeline runs rollouts and
+    # learning one after the other, so on a small machine both roles may use every core.
+    rollout_threads: int = 0
+    learner_threads: int = 0
 
 
 @dataclass

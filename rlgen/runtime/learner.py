@@ -234,10 +234,10 @@ class LearnerGroup:
     """
 
     def __init__(self, policy_path: str, learner_cfg: LearnerConfig, algo_cfg: FlowGRPOConfig, *, batch_size: int,
-                 num_sde_steps: int, num_cpus: float = 1.0, num_gpus: float = 0.0):
+                 num_sde_steps: int, num_cpus: float = 1.0, num_gpus: float = 0.0, num_threads: int = 0):
         cfg = learner_cfg
         grad_accum_steps(cfg, batch_size, num_sde_steps)  # fail here, not inside K actors
-        n, threads = cfg.num_learners, max(1, int(num_cpus))
+        n, threads = cfg.num_learners, num_threads or max(1, int(num_cpus))
 
         def make_args(rank: int, addr: str, port: int):
             return (rank, n, addr, port, str(policy_path), cfg, algo_cfg, batch_size, num_sde_steps, threads), {}

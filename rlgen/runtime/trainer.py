@@ -62,7 +62,7 @@ class Trainer:
         need = r.rollout_workers * r.rollout_cpus + r.reward_workers * r.reward_cpus + \
             c.learner.num_learners * r.learner_cpus
         self.started_ray = __import__("rlgen.runtime.cluster", fromlist=["init_ray"]).init_ray(c.ray, need)
-        threads = max(1, int(r.rollout_cpus))
+        threads = r.rollout_threads or max(1, int(r.rollout_cpus))
         actor = ray.remote(num_cpus=r.rollout_cpus, num_gpus=r.rollout_gpus, max_restarts=2)(RolloutWorker)
         self.rollout_workers = [actor.remote(str(policy_path), c.rollout, threads, c.run.device, i)
                                 for i in range(r.rollout_workers)]
@@ -72,7 +72,8 @@ class Trainer:
         sde_steps = ro.sde_window if 0 < ro.sde_window < ro.num_steps else ro.num_steps
         self.learners = LearnerGroup(str(policy_path), c.learner, c.algo,
                                      batch_size=c.prompts.per_iteration * c.prompts.group_size,
-                                     num_sde_steps=sde_steps, num_cpus=r.learner_cpus, num_gpus=r.learner_gpus)
+                                     num_sde_steps=sde_steps, num_cpus=r.learner_cpus, num_gpus=r.learner_gpus,
+                                     num_threads=r.learner_threads)
         ray.get([w.get_version.remote() for w in self.rollout_workers])  # fail fast if a worker cannot start
 
     # ------------------------------------------------------------------------------------------

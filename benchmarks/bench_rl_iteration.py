@@ -1,0 +1,81 @@
+"""Where an RL iteration's time goes, and what timestep subsampling + denoising reduction buy.
+
+    # time split of an iteration (rollout / reward / learn / sync / Ray overhead)
+    python benchmarks/bench_rl_iteration.py --config configs/quickstart.yaml --iterations 6
+    # time-to-target training reward: fast (10 steps, 60% of steps trained) vs full (20 steps, all)
+    python benchmarks/bench_rl_iteration.py --config configs/quickstart.yaml --compare --iterations 30
+
+Each run is a real train_rl.py job (local Ray, same seed); numbers come from its metrics.jsonl.
+Ratios only: timings on a shared machine are noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PARTS = ("time_rollout", "time_reward", "time_learn", "time_sync", "time_overhead")
+
+
+def run(config: str, name: str, root: str, iterations: int, extra: list[str]) -> list[dict]:
+    import train_rl
+    from rlgen.runtime.rundir import read_metrics
+
+    args = ["--config", config, f"run.name={name}", f"run.root={root}", f"train.iterations={iterations}",
+            "train.max_minutes=0", "run.resume=no", *extra]
+    if train_rl.main(args) != 0:
+        raise SystemExit(f"run {name} failed")
+    return [r for r in read_metrics(Path(root) / name) if r["step"] > 0]
+
+
+def split(rows: list[dict]) -> None:
+    rows = rows[1:] if len(rows) > 2 else rows  # the first iteration pays one-off warm-up
+    total = sum(r["time_iter"] for r in rows)
+    print(f"\niterations measured: {len(rows)}  mean iteration: {total / len(rows):.2f} s")
+    for p in PARTS:
+        t = sum(r.get(p, 0.0) for r in rows)
+        print(f"  {p[5:]:9s} {t / len(rows):7.2f} s  {100 * t / total:5.1f} %")
+
+
+def time_to_target(rows: list[dict], target: float, window: int = 3) -> float | None:
+    """Wall seconds until the moving average of the training reward first reaches ``target``."""
+    elapsed, hist = 0.0, []
+    for r in rows:
+        elapsed += r["time_iter"]
+        hist.append(r["reward_mean"])
+        if len(hist) >= window and sum(hist[-window:]) / window >= target:
+            return elapsed
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/quickstart.yaml")
+    ap.add_argument("--iterations", type=int, default=6)
+    ap.add_argument("--root", default="runs/bench")
+    ap.add_argument("--compare", action="store_true")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    if not args.compare:
+        split(run(args.config, "split", args.root, args.iterations, ["eval.every=0", *args.overrides]))
+        return
+    fast = run(args.config, "fast", args.root, args.iterations,
+               ["rollout.num_steps=10", "learner.timestep_fraction=0.6", "eval.every=0", *args.overrides])
+    full = run(args.config, "full", args.root, args.iterations,
+               ["rollout.num_steps=20", "learner.timestep_fraction=1.0", "eval.every=0", *args.overrides])
+    best = min(max(r["reward_mean"] for r in fast), max(r["reward_mean"] for r in full))
+    start = (fast[0]["reward_mean"] + full[0]["reward_mean"]) / 2
+    target = start + 0.8 * (best - start)
+    tf, tu = time_to_target(fast, target), time_to_target(full, target)
+    print(f"\ntarget training reward {target:.3f} (start {start:.3f}, best common {best:.3f})")
+    for name, rows, t in (("fast", fast, tf), ("full", full, tu)):
+        per = sum(r["time_iter"] for r in rows) / len(rows)
+        print(f"  {name}: {per:.2f} s/iteration, time to target: {'not reached' if t is None else f'{t:.0f} s'}")
+    if tf and tu:
+        print(f"  speed-up (full / fast time to target): {tu / tf:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
