@@ -17,7 +17,8 @@ class RayConfig:
 
 
 def init_ray(cfg: RayConfig, min_cpus: float) -> bool:
-    """Start or attach; returns True when this process started the cluster (and should stop it)."""
+    """Start or attach; returns True when this call connected (the caller then disconnects with
+    ``ray.shutdown()``, which also stops a local cluster it started; an attached cluster keeps running)."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -27,7 +28,7 @@ def init_ray(cfg: RayConfig, min_cpus: float) -> bool:
                                                            "RLGEN_FASHION_MNIST") if k in os.environ}}
     if cfg.address:
         ray.init(address=cfg.address, log_to_driver=True, runtime_env=runtime_env)
-        return False
+        return True
     temp = cfg.temp_dir or tempfile.mkdtemp(prefix="rlgen_ray_", dir="/tmp" if os.path.isdir("/tmp") else None)
     kwargs = dict(num_cpus=math.ceil(max(cfg.num_cpus, min_cpus)), include_dashboard=cfg.dashboard, _temp_dir=temp,
                   dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env,

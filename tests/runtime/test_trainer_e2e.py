@@ -3,21 +3,9 @@ then resumes for one more; the run folder holds what DESIGN.md promises."""
 import json
 
 import pytest
-import torch
 
 from rlgen.runtime.rundir import read_metrics
-
-
-def tiny_policy(path):
-    from rlgen.data.shapes import TASK_TYPES, all_prompts
-    from rlgen.models.flow import FlowModelConfig, FlowPolicy
-
-    words = sorted({w for t in TASK_TYPES for p in all_prompts(t) for w in p.split()})
-    torch.manual_seed(0)
-    cfg = FlowModelConfig(block_out_channels=[16, 32, 32], norm_num_groups=8, attention_heads=2, text_dim=32,
-                          text_ff=64, text_layers=1, vocab=words)
-    FlowPolicy.build(cfg).save_pretrained(path)
-    return path
+from tests_helpers import tiny_flow_policy
 
 
 def overrides(tmp_path, policy, iterations):
@@ -31,7 +19,7 @@ def overrides(tmp_path, policy, iterations):
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory):
-    return tiny_policy(tmp_path_factory.mktemp("policy") / "tiny")
+    return tiny_flow_policy(tmp_path_factory.mktemp("policy") / "tiny")
 
 
 def test_two_iterations_then_resume(tmp_path, policy_dir):

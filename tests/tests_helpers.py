@@ -1,0 +1,15 @@
+"""Builders shared by tests (imported as a top-level module: pytest puts tests/ on sys.path)."""
+import torch
+
+
+def tiny_flow_policy(path):
+    """A randomly initialised, very small shapes FlowPolicy saved at ``path``."""
+    from rlgen.data.shapes import TASK_TYPES, all_prompts
+    from rlgen.models.flow import FlowModelConfig, FlowPolicy
+
+    words = sorted({w for t in TASK_TYPES for p in all_prompts(t) for w in p.split()})
+    torch.manual_seed(0)
+    cfg = FlowModelConfig(block_out_channels=[16, 32, 32], norm_num_groups=8, attention_heads=2, text_dim=32,
+                          text_ff=64, text_layers=1, vocab=words)
+    FlowPolicy.build(cfg).save_pretrained(path)
+    return path
