@@ -70,8 +70,8 @@ def shapes_benchmark(req) -> dict:
     if req.grid is not None:
         from rlgen.viz import save_image_grid
 
-        stride = max(1, len(images) // 64) * k  # one sample of up to 64 prompts
-        idx = list(range(0, len(images), stride))[:64]
+        firsts = list(range(0, len(images), k))  # the first sample of each prompt
+        idx = firsts[::max(1, len(firsts) // 64)][:64]  # spread over every task type
         save_image_grid(images[idx], req.grid, nrow=8, captions=[prompts[i] for i in idx], scale=4)
         result["grid"] = str(req.grid)
     return result
