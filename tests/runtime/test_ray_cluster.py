@@ -1,10 +1,12 @@
 """The same job on an existing Ray cluster: `ray start --head` on 127.0.0.1, `ray.address=<it>`."""
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -23,17 +25,31 @@ def free_port() -> int:
 
 @pytest.fixture
 def head_node():
+    """A head node of its own: `ray start --head --block` in a new process group, stopped by
+    signalling that group. (`ray stop` would kill every Ray cluster on the machine, a user's too.)"""
     temp = tempfile.mkdtemp(prefix="rlgen_rh_", dir="/tmp")
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    cmd = [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
-           "--num-cpus=3", "--include-dashboard=false", "--disable-usage-stats"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
+    cmd = [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+           f"--temp-dir={temp}", "--num-cpus=3", "--include-dashboard=false", "--disable-usage-stats"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait for the GCS port to accept connections
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        else:
+            pytest.fail("ray head node did not start within 120 s")
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
 
 
