@@ -160,8 +160,8 @@ class Trainer:
         if self.evaluator is None:
             return {}
         e = self.cfg.eval
-        images = torch.from_numpy(ray.get(self.rollout_workers[0].generate_eval.remote(
-            self.evaluator.prompts, e.num_steps, e.cfg_scale, e.seed)))
+        images = torch.from_numpy(np.array(ray.get(self.rollout_workers[0].generate_eval.remote(
+            self.evaluator.prompts, e.num_steps, e.cfg_scale, e.seed))))  # copy: object-store arrays are read-only
         res = self.evaluator.score(images)
         from rlgen.viz import save_image_grid
 
