@@ -62,7 +62,9 @@ class MDMModelConfig:
 class MDMTrainConfig:
     objective: Literal["sft", "pretrain"] = "sft"  # sft: prompt never masked; pretrain: all tokens
     batch_size: int = 128
-    max_steps: int = 5000
+    max_steps: int = 5000            # length of the lr schedule
+    stop_step: int = 0               # end the run here (0 = max_steps), schedule unchanged: stops a
+                                     # base inside the accuracy window RL wants (FEASIBILITY.md)
     lr: float = 2e-3
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 100
@@ -312,24 +314,26 @@ def train(cfg: MDMPretrainConfig) -> Path:
     t = cfg.train
     t0 = last_save = last_log = time.time()
     window: list[dict] = []
-    bar = tqdm(total=t.max_steps, initial=start, disable=not cfg.run.progress, desc=cfg.run.name)
-    for step in range(start + 1, t.max_steps + 1):
+    last = min(t.stop_step or t.max_steps, t.max_steps)
+    bar = tqdm(total=last, initial=start, disable=not cfg.run.progress, desc=cfg.run.name)
+    for step in range(start + 1, last + 1):
         window.append(_train_step(st, buckets, step - 1, device))
         bar.update(1)
         row = {}
-        if step % t.log_every == 0 or step == t.max_steps:
+        if step % t.log_every == 0 or step == last:
             row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
             now = time.time()
             row.update(elapsed_min=round(st.minutes_before + (now - t0) / 60, 3),
                        steps_per_s=round(len(window) / (now - last_log), 2))
             window, last_log = [], now
             bar.set_postfix(loss=f"{row['loss']:.3f}")
-        if problems and (step % t.eval_every == 0 or step == t.max_steps):
+        if problems and (step % t.eval_every == 0 or step == last):
             row.update(_evaluate(st, problems, run_dir, step))
             bar.write(f"step {step}: eval accuracy {row['eval_accuracy']:.3f}")
         if row:
+            row.setdefault("elapsed_min", round(st.minutes_before + (time.time() - t0) / 60, 3))
             logger.log(step, **row)
-        due = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps or \
+        due = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == last or \
             (t.checkpoint_every_minutes and time.time() - last_save >= 60 * t.checkpoint_every_minutes)
         if due:
             st.save(run_dir, step, {**row, "elapsed_min": round(st.minutes_before + (time.time() - t0) / 60, 3)})

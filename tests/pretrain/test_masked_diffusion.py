@@ -130,3 +130,13 @@ def test_fine_tune_from_a_plain_hf_folder(tmp_path):
     ck = run / "checkpoints" / "1"
     assert json.loads((ck / "rlgen_model.json").read_text())["hf_class"] == "BertForMaskedLM"
     assert json.loads((ck / "config.json").read_text())["hidden_size"] == 32  # the HF model, not model.*
+
+
+def test_stop_step_ends_early_on_the_full_schedule(tmp_path):
+    cfg = _cfg(tmp_path, "stop", "train.stop_step=3", "train.eval_every=0", "train.checkpoint_every=0")
+    run = mdm.train(cfg)
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["lr"] for r in rows] == pytest.approx([mdm.lr_at(i, cfg.train) for i in range(3)])
+    assert rows[-1]["lr"] > mdm.lr_at(5, cfg.train)  # still mid-schedule (max_steps=6)
+    assert (run / "checkpoints" / "latest").resolve().name == "3"
