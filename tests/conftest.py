@@ -10,3 +10,17 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # DeepSpeed compiles a shared-memory op on first init (~40 s); keep it for the whole CI run.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and two busy-waiting OpenMP threads on a shared
+    2-core machine run 10-100x slower; test modules opt in with usefixtures("one_thread")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

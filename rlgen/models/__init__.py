@@ -4,6 +4,7 @@ the MODELS registry whose class implements ``save_pretrained(dir)`` / ``from_pre
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -12,6 +13,20 @@ MODEL_META = "rlgen_model.json"
 
 class ModelLoadError(RuntimeError):
     pass
+
+
+@contextlib.contextmanager
+def quiet_hf_progress():
+    """transformers draws a progress bar per save/load; checkpoints every minute make that noise."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def read_model_meta(path: str | Path) -> dict:

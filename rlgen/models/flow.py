@@ -20,7 +20,6 @@ FlowModelConfig}), ``unet/`` or ``transformer/`` (diffusers, safetensors), ``tex
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlgen.models import MODEL_META, ModelLoadError, read_model_meta
+from rlgen.models import MODEL_META, ModelLoadError, quiet_hf_progress, read_model_meta
 from rlgen.models.prompt_encoder import PromptEmbeds, PromptEncoder, build_tokenizer, load_tokenizer
 from rlgen.registry import register_model
 
@@ -77,20 +76,6 @@ class FlowModelConfig:
                              f"model.block_out_channels has {len(self.block_out_channels)} levels")
         if self.backbone == "unet" and self.image_size % self.unshuffle:
             raise ValueError(f"model.image_size {self.image_size} is not divisible by model.unshuffle {self.unshuffle}")
-
-
-@contextlib.contextmanager
-def quiet_hf_progress():
-    """Silence transformers' per-file progress bars while saving/loading small models."""
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
 
 
 def _as_sigma(sigma, batch: int, device) -> torch.Tensor:

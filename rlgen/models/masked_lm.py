@@ -17,30 +17,16 @@ finds this class.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, BertConfig, BertForMaskedLM
-from transformers.utils import logging as hf_logging
 
 from rlgen.data.tokenizer import load_tokenizer
-from rlgen.models import MODEL_META, ModelLoadError, read_model_meta
+from rlgen.models import MODEL_META, ModelLoadError, quiet_hf_progress, read_model_meta
 from rlgen.registry import register_model
-
-
-@contextlib.contextmanager
-def _no_hf_progress():
-    """transformers draws a progress bar per save/load; checkpoints every minute make that noise."""
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
 
 
 @register_model("masked_lm")
@@ -89,7 +75,7 @@ class MaskedDiffusionLM(nn.Module):
         if dtype is not None:
             kw["dtype"] = dtype
         config = AutoConfig.from_pretrained(str(p), **kw)
-        with _no_hf_progress():
+        with quiet_hf_progress():
             try:
                 net = AutoModelForMaskedLM.from_pretrained(str(p), **kw)
             except ValueError:  # config class not in the masked-LM mapping
@@ -115,7 +101,7 @@ class MaskedDiffusionLM(nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
-        with _no_hf_progress():
+        with quiet_hf_progress():
             self.net.save_pretrained(str(p))  # config.json + model.safetensors
         self.tokenizer.save_pretrained(str(p))
         meta = {"model_type": "masked_lm", "hf_class": type(self.net).__name__, "mask_id": self.mask_id,

@@ -26,13 +26,7 @@ def tiny_sd3_config(**kw) -> FlowModelConfig:
                                                              num_attention_heads=2), **kw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and busy-waiting OpenMP threads crawl on a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,7 @@ from rlgen.data import shapes as S
 from rlgen.pretrain.aesthetic import fit_head, pairwise_accuracy, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of tiny matmuls: one intra-op thread is fastest and immune to a busy CPU
-    (two spinning OpenMP threads on a shared 2-core machine cost 10-100x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LAION_SHAPES = {"layers.0.weight": (1024, 768), "layers.0.bias": (1024,), "layers.2.weight": (128, 1024),

@@ -25,13 +25,7 @@ def tiny_flow_config() -> FlowModelConfig:
                            text_ff=32, max_prompt_tokens=8, vocab=VOCAB)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 shared cores: torch's default thread pool oversubscribes them (10× slower forwards).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
