@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 from tqdm import tqdm
 
@@ -52,16 +53,15 @@ class Trainer:
         return resolve_checkpoint(p)
 
     def _start_actors(self, policy_path: Path) -> None:
-        import ray
-
         from rewards.worker import make_reward_worker
+        from rlgen.runtime.cluster import init_ray
         from rlgen.runtime.learner import LearnerGroup
         from rollouts.worker import RolloutWorker
 
         c, r = self.cfg, self.cfg.resources
         need = r.rollout_workers * r.rollout_cpus + r.reward_workers * r.reward_cpus + \
             c.learner.num_learners * r.learner_cpus
-        self.started_ray = __import__("rlgen.runtime.cluster", fromlist=["init_ray"]).init_ray(c.ray, need)
+        self.started_ray = init_ray(c.ray, need)
         threads = r.rollout_threads or max(1, int(r.rollout_cpus))
         actor = ray.remote(num_cpus=r.rollout_cpus, num_gpus=r.rollout_gpus, max_restarts=2)(RolloutWorker)
         self.rollout_workers = [actor.remote(str(policy_path), c.rollout, threads, c.run.device, i)
@@ -81,8 +81,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def _rollouts(self, it: int):
         """Shard prompt groups across workers; score each shard as soon as it arrives."""
-        import ray
-
         from rlgen.runtime.batches import ImageRollout
 
         c = self.cfg
@@ -90,7 +88,7 @@ class Trainer:
         g = c.prompts.group_size
         n_w = len(self.rollout_workers)
         shards = [list(range(i, len(prompts), n_w)) for i in range(n_w)]
-        pending, owner = {}, {}
+        pending = {}
         t0 = time.time()
         for w_idx, (worker, idxs) in enumerate(zip(self.rollout_workers, shards)):
             if not idxs:
@@ -98,7 +96,7 @@ class Trainer:
             ps = [prompts[i] for i in idxs for _ in range(g)]
             gids = torch.tensor([i for i in idxs for _ in range(g)])
             ref = worker.generate.remote(ps, gids, _seed(c.run.seed, it, w_idx))
-            pending[ref], owner[ref] = w_idx, ps
+            pending[ref] = w_idx
         rollouts, scores, t_roll = [], [], 0.0
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -118,8 +116,6 @@ class Trainer:
         return batch, mixed, t_roll, t_reward
 
     def _iteration(self, it: int) -> dict:
-        import ray
-
         c = self.cfg
         t_start = time.time()
         batch, mixed, t_roll, t_reward = self._rollouts(it)
@@ -128,9 +124,7 @@ class Trainer:
         learn = self.learners.train(batch)
         t_learn = time.time() - t0
         t0 = time.time()
-        version, state = self.learners.get_weights()
-        ref = ray.put(state)
-        ray.get([w.load_weights.remote(version, ref) for w in self.rollout_workers])
+        version = self._sync_weights()
         t_sync = time.time() - t0
         t_iter = time.time() - t_start
         r = batch.rewards[~torch.isnan(batch.rewards)]
@@ -151,12 +145,17 @@ class Trainer:
                             nrow=c.prompts.group_size, captions=batch.prompts[:64], caption_every=c.prompts.group_size)
         return row
 
+    def _sync_weights(self) -> int:
+        """Learner rank 0's weights → every rollout worker (one object-store copy, read zero-copy)."""
+        version, state = self.learners.get_weights()
+        ref = ray.put(state)
+        ray.get([w.load_weights.remote(version, ref) for w in self.rollout_workers])
+        return version
+
     # ------------------------------------------------------------------------------------------
     # evaluation and checkpoints
     # ------------------------------------------------------------------------------------------
     def _evaluate(self, it: int) -> dict:
-        import ray
-
         if self.evaluator is None:
             return {}
         e = self.cfg.eval
@@ -192,11 +191,7 @@ class Trainer:
             return 0
         state = json.loads((ckpt / "driver_state.json").read_text())
         self.learners.load(str(ckpt))
-        version, weights = self.learners.get_weights()
-        import ray
-
-        ref = ray.put(weights)
-        ray.get([w.load_weights.remote(version, ref) for w in self.rollout_workers])
+        self._sync_weights()
         self.eval_history = state.get("eval_history", [])
         print(f"[rlgen] resumed from {ckpt} (iteration {state['iteration']})")
         return int(state["iteration"])
@@ -245,8 +240,6 @@ class Trainer:
             self.shutdown()
 
     def shutdown(self) -> None:
-        import ray
-
         if getattr(self, "learners", None) is not None:
             self.learners.shutdown()
         if self.started_ray and ray.is_initialized():
