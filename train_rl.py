@@ -15,6 +15,9 @@ import sys
 
 JOBS = {
     "flow_grpo": "rlgen.runtime.trainer:Trainer",
+    "mdm_grpo": "rlgen.runtime.text_trainer:TextGRPOTrainer",
+    "diffusion_dpo": "rlgen.runtime.preference:PreferenceTrainer",
+    "vrpo": "rlgen.runtime.preference:PreferenceTrainer",
 }
 
 
