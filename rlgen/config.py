@@ -153,7 +153,9 @@ def _coerce(value: Any, tp, key: str, src: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{src}: key '{key}' must be a number, got {value!r}")
+        hint = (" (in a YAML map write 'name: 1.0' with a space after the colon)"
+                if value is None and ":" in key else "")
+        raise ConfigError(f"{src}: key '{key}' must be a number, got {value!r}{hint}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -65,6 +65,14 @@ def test_mistyped_values_are_errors(tmp_path, override, needle):
         load_config(p, [override])
 
 
+def test_flow_map_without_space_gets_a_hint(tmp_path):
+    # 'weights={a:1.0}' is YAML for the key "a:1.0" with no value: say what was meant
+    p = write(tmp_path, "kind: toy_job\n")
+    with pytest.raises(ConfigError, match=r"weights\.a:1\.0.*space after the colon"):
+        load_config(p, ["weights={a:1.0}"])
+    assert load_config(p, ["weights={a: 1.0}"]).weights == {"a": 1.0}
+
+
 def test_malformed_inputs(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
