@@ -12,7 +12,8 @@ from rollouts.image import ImageRolloutConfig, rollout_images
 
 class RolloutWorker:
     def __init__(self, policy_path: str, rollout_cfg: ImageRolloutConfig, num_threads: int = 1,
-                 device: str = "auto", worker_index: int = 0):
+                 device: str = "auto", worker_index: int = 0, lora_rank: int = 0, lora_alpha: float = 0.0,
+                 lora_targets: list[str] | None = None):
         import rlgen  # noqa: F401  (torchvision compatibility in this process)
         from rlgen.models import load_model
         from rlgen.utils import resolve_device, set_threads
@@ -21,6 +22,13 @@ class RolloutWorker:
         self.index = worker_index
         self.cfg = rollout_cfg
         self.policy = load_model(policy_path, device=str(resolve_device(device))).eval()
+        # Under LoRA the learner syncs only the adapter: hold the same adapter, so its weights load
+        # by name onto the frozen base this worker already has.
+        self.lora = lora_rank > 0
+        if self.lora:
+            from rlgen.runtime.flow_update import apply_lora
+
+            apply_lora(self.policy, lora_rank, lora_alpha, lora_targets)
         self.policy.requires_grad_(False)
         self.version = 0
 
@@ -45,7 +53,7 @@ class RolloutWorker:
     def load_weights(self, version: int, state: dict) -> int:
         from rlgen.runtime.learner import load_numpy_weights
 
-        load_numpy_weights(self.policy, state)
+        load_numpy_weights(self.policy, state, strict=not self.lora)
         self.version = int(version)
         return self.version
 

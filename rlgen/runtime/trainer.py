@@ -64,7 +64,9 @@ class Trainer:
         self.started_ray = init_ray(c.ray, need)
         threads = r.rollout_threads or max(1, int(r.rollout_cpus))
         actor = ray.remote(num_cpus=r.rollout_cpus, num_gpus=r.rollout_gpus, max_restarts=2)(RolloutWorker)
-        self.rollout_workers = [actor.remote(str(policy_path), c.rollout, threads, c.run.device, i)
+        lora = dict(lora_rank=c.learner.lora_rank, lora_alpha=c.learner.lora_alpha,
+                    lora_targets=list(c.learner.lora_targets))
+        self.rollout_workers = [actor.remote(str(policy_path), c.rollout, threads, c.run.device, i, **lora)
                                 for i in range(r.rollout_workers)]
         self.reward_workers = [make_reward_worker(c.rewards_config(), num_cpus=r.reward_cpus, max_restarts=2)
                                for _ in range(r.reward_workers)]
