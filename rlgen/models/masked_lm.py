@@ -18,6 +18,7 @@ finds this class.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -134,13 +135,48 @@ class MaskedDiffusionLM(nn.Module):
         if not 0 <= self.mask_id < n_model:
             raise ModelLoadError(f"mask_id {self.mask_id} is outside the model vocabulary (0..{n_model - 1})")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.max_length is not None and input_ids.shape[1] > self.max_length:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's "
-                             f"max_position_embeddings {self.max_length}")
-        out = self.net(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values=None, use_cache: bool = False):
+        """logits (B, L, V); with ``use_cache`` or ``past_key_values`` a ``CachedLMOutput``.
+
+        Prefix caching (used by ``generate(..., cache="prefix")``): ``past_key_values`` is a
+        transformers ``Cache`` holding the keys/values of the first C positions of every layer;
+        ``input_ids`` are then positions C.. (position ids continue at C) and attend to the cached
+        keys and to each other, bidirectionally. The cache is extended in place with the new
+        positions (the sampler crops it back to the prefix). The result equals a full forward only
+        when the cached keys/values are what a full forward would compute for the prefix now — in
+        a bidirectional model of more than one layer they are not, once later tokens changed.
+        """
+        if past_key_values is None and not use_cache:
+            if self.max_length is not None and input_ids.shape[1] > self.max_length:
+                raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's "
+                                 f"max_position_embeddings {self.max_length}")
+            out = self.net(input_ids=input_ids, attention_mask=attention_mask)
+            return self._logits(out)
+        from transformers import DynamicCache
+
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("prefix caching does not support padded inputs (attention_mask with zeros)")
+        cache = past_key_values if past_key_values is not None else DynamicCache(config=self.net.config)
+        total = cache.get_seq_length() + input_ids.shape[1]
+        if self.max_length is not None and total > self.max_length:
+            raise ValueError(f"sequence length {total} exceeds the model's max_position_embeddings {self.max_length}")
+        # BERT-style encoders ignore use_cache but still extend a cache they are handed.
+        out = self.net(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        if cache.get_seq_length() != total:
+            raise ValueError(f"{type(self.net).__name__} did not fill the key/value cache: it cannot be "
+                             f"prefix-cached")
+        return CachedLMOutput(self._logits(out), cache)
+
+    def _logits(self, out) -> torch.Tensor:
         logits = out.logits if hasattr(out, "logits") else out[0]
         if logits.shape[-1] < len(self.tokenizer):
             raise ModelLoadError(f"{type(self.net).__name__} returned a last dimension of {logits.shape[-1]}, "
                                  f"not vocabulary logits; it has no language-model head")
         return logits  # (B, L, V)
+
+
+@dataclass
+class CachedLMOutput:
+    logits: torch.Tensor  # (B, L_new, V): logits of the positions fed, not of the cached prefix
+    past_key_values: object  # the transformers Cache, now holding prefix + fed positions

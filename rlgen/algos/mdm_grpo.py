@@ -1,0 +1,177 @@
+"""GRPO for masked-diffusion LMs: per-token log-prob estimators, PPO-clip, k3 KL (pure torch).
+
+A masked-diffusion LM has no cheap exact log π(completion | prompt), so the policy ratio needs an
+estimate. Each estimator builds a :class:`ScorePlan` — the masked sequences to feed and, for every
+completion token, which of them scores it — and :func:`plan_logprobs` runs any model on a plan.
+Policy, old policy and reference are scored on the SAME plan within an inner iteration (d1's
+shared mask seed), so their differences carry no masking noise. Estimators (``estimator:`` in
+config, :data:`ESTIMATORS`):
+
+- ``d1`` (Zhao et al. 2025, arXiv:2504.12216): ONE forward; the completion fully masked, each
+  prompt token masked independently with probability ``prompt_mask_p`` (a regulariser: a fresh
+  mask per inner iteration); log π(o_k) ≈ log p_θ(o_k | q', all-mask). Cheap, but it scores every
+  token as if nothing else were decoded, far from the state the sampler was in.
+- ``coupled`` (DiffuCoder's Coupled-GRPO, Gong et al. 2025, arXiv:2506.20639): two complementary
+  views; t ~ U[t_min, t_max], a random ⌈t·G⌉-subset of the completion masked in view 1 and the
+  rest in view 2, every token scored exactly once with part of the completion visible. Lower
+  variance than two independent masks (each token counted once, no 1/t weights).
+- ``trajectory``: replay the decoding order the sampler recorded (``GenerateOutput.order``):
+  view s shows the tokens unmasked before step s, and scores those unmasked at step s. It is the
+  exact log-probability of each token at the state it was chosen in (the sampler's own
+  token_logprobs at temperature 1) — deterministic, no Monte-Carlo variance — for one forward per
+  decoding step (3 for a 3-token arith answer).
+
+Tokens with ``order < 0`` (eos fill, not a model decision) get no credit in any estimator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class MDMGRPOConfig:
+    estimator: str = "d1"          # d1 | coupled | trajectory (see module docstring)
+    prompt_mask_p: float = 0.15    # d1: probability of masking each prompt token
+    coupled_t_min: float = 0.2     # coupled: masking ratio of view 1 drawn from U[t_min, t_max]
+    coupled_t_max: float = 0.8
+    clip_range: float = 0.2        # PPO clip ε on the per-token ratio
+    kl_beta: float = 0.04          # weight of the k3 KL to the reference (0 = no reference model)
+    adv_clip_max: float = 5.0      # advantages clipped to ±this
+    inner_iterations: int = 2      # μ: gradient steps per rollout batch, each with a fresh plan
+    skip_uniform_groups: bool = True  # drop groups whose rewards are all equal (zero advantage)
+
+
+@dataclass
+class ScorePlan:
+    """What to feed and which view scores each completion token; n views, B rows, L = P + G."""
+
+    inputs: torch.Tensor  # (n, B, L) long: masked sequences
+    view: torch.Tensor    # (B, G) long: the view scoring each completion token, −1 = not scored
+    prompt_length: int
+
+    @property
+    def token_mask(self) -> torch.Tensor:  # (B, G) bool
+        return self.view >= 0
+
+
+ESTIMATORS: dict[str, Callable] = {}
+
+
+def register_estimator(name: str):
+    def deco(fn):
+        ESTIMATORS[name] = fn
+        return fn
+    return deco
+
+
+def make_plan(cfg: MDMGRPOConfig, tokens: torch.Tensor, order: torch.Tensor, prompt_length: int,
+              mask_id: int, generator: torch.Generator | None = None) -> ScorePlan:
+    """tokens (B, P + G), order (B, G) from ``generate`` → the configured estimator's plan."""
+    if cfg.estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {cfg.estimator!r} (known: {', '.join(sorted(ESTIMATORS))})")
+    return ESTIMATORS[cfg.estimator](cfg, tokens, order, prompt_length, mask_id, generator)
+
+
+@register_estimator("d1")
+def d1_plan(cfg, tokens, order, P, mask_id, generator=None) -> ScorePlan:
+    x = tokens.clone()  # (B, L)
+    drop = torch.rand(x[:, :P].shape, generator=generator, device=x.device) < cfg.prompt_mask_p  # (B, P)
+    x[:, :P] = x[:, :P].masked_fill(drop, mask_id)
+    x[:, P:] = mask_id
+    view = torch.where(order >= 0, 0, -1)  # (B, G)
+    return ScorePlan(x[None], view, P)
+
+
+@register_estimator("coupled")
+def coupled_plan(cfg, tokens, order, P, mask_id, generator=None) -> ScorePlan:
+    B, G = order.shape
+    t = cfg.coupled_t_min + (cfg.coupled_t_max - cfg.coupled_t_min) * torch.rand(
+        B, generator=generator, device=tokens.device)  # (B,)
+    k = torch.ceil(t * G).long().clamp(1, G)  # (B,) tokens masked in view 1 (≥ 1, so view 1 scores some)
+    noise = torch.rand(B, G, generator=generator, device=tokens.device)
+    rank = noise.argsort(dim=1).argsort(dim=1)  # (B, G) a uniform random permutation's ranks
+    in_first = rank < k[:, None]  # (B, G): masked (and scored) in view 0; the rest in view 1
+    views = tokens[None].repeat(2, 1, 1)  # (2, B, L)
+    views[0, :, P:] = tokens[:, P:].masked_fill(in_first, mask_id)
+    views[1, :, P:] = tokens[:, P:].masked_fill(~in_first, mask_id)
+    view = torch.where(in_first, 0, 1)
+    return ScorePlan(views, torch.where(order >= 0, view, -1), P)
+
+
+@register_estimator("trajectory")
+def trajectory_plan(cfg, tokens, order, P, mask_id, generator=None) -> ScorePlan:
+    n = max(int(order.max()) + 1, 1)  # decoding steps of the longest row
+    steps = torch.arange(n, device=tokens.device)[:, None, None]  # (n, 1, 1)
+    known = (order[None] >= 0) & (order[None] < steps)  # (n, B, G): unmasked before step s
+    # eos fills (order −1) were settled after the eos: show them as mask, as the sampler saw them
+    views = tokens[None].repeat(n, 1, 1)  # (n, B, L)
+    views[:, :, P:] = torch.where(known, views[:, :, P:], torch.full_like(views[:, :, P:], mask_id))
+    return ScorePlan(views, order.clone(), P)
+
+
+def plan_logprobs(model, plan: ScorePlan, tokens: torch.Tensor, banned_ids=()) -> torch.Tensor:
+    """(B, G) log p_model(completion token | its view); 0 where not scored. Keeps autograd.
+
+    All n views go through the model as one batch of n·B rows. ``banned_ids`` (the sampler's
+    ``forbidden_ids``: [MASK], [PAD]) are excluded from the softmax, as the sampler excludes them,
+    so the ``trajectory`` estimate equals the sampler's own token log-probs.
+    """
+    n, B, L = plan.inputs.shape
+    P = plan.prompt_length
+    out = model(plan.inputs.reshape(n * B, L))
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    logits = logits[:, P:].float().reshape(n, B, L - P, -1)  # (n, B, G, V)
+    if len(banned_ids):
+        logits = logits.index_fill(-1, torch.tensor(sorted(set(banned_ids)), device=logits.device), float("-inf"))
+    target = tokens[:, P:]  # (B, G)
+    view = plan.view.clamp_min(0)
+    chosen = logits.gather(0, view[None, :, :, None].expand(1, B, L - P, logits.shape[-1]))[0]  # (B, G, V)
+    lp = torch.log_softmax(chosen, dim=-1).gather(-1, target[..., None]).squeeze(-1)  # (B, G)
+    return torch.where(plan.token_mask, lp, torch.zeros_like(lp))
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(π‖π_ref) per token: exp(r − l) − (r − l) − 1 ≥ 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1.0
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, token_mask: torch.Tensor,
+                clip_range: float, ref_logp: torch.Tensor | None = None, kl_beta: float = 0.0,
+                adv_clip_max: float = 5.0) -> tuple[torch.Tensor, dict]:
+    """d1/GRPO loss: per-token PPO-clip + β·k3 KL, averaged over each row's scored tokens, then rows.
+
+    logp, old_logp, ref_logp, token_mask (B, G); advantages (B,). Returns (loss, metrics floats).
+    """
+    adv = advantages.clamp(-adv_clip_max, adv_clip_max)[:, None]  # (B, 1)
+    m = token_mask.float()
+    ratio = torch.exp(logp - old_logp)  # (B, G)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    per_token = torch.maximum(unclipped, clipped)
+    kl = torch.zeros_like(per_token)
+    if ref_logp is not None and kl_beta > 0:
+        kl = k3_kl(logp, ref_logp)
+        per_token = per_token + kl_beta * kl
+    n_tok = m.sum(dim=1).clamp_min(1.0)  # (B,)
+    loss = ((per_token * m).sum(dim=1) / n_tok).mean()
+    with torch.no_grad():
+        total = m.sum().clamp_min(1.0)
+        metrics = {"clip_frac": float(((clipped > unclipped).float() * m).sum() / total),
+                   "kl": float((kl * m).sum() / total),
+                   "ratio_mean": float((ratio * m).sum() / total),
+                   "approx_kl_old": float(((old_logp - logp) * m).sum() / total)}
+    return loss, metrics
+
+
+def mixed_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: rows whose group's rewards are not all equal (the only ones with signal)."""
+    keep = torch.zeros_like(rewards, dtype=torch.bool)
+    for g in torch.unique(group_ids):
+        rows = group_ids == g
+        r = rewards[rows]
+        keep[rows] = bool((r.max() - r.min()).abs() > 1e-12) if r.numel() else False
+    return keep
