@@ -89,6 +89,12 @@ class Reward:
             return self.fn(prompts=list(prompts), completions=samples, **meta)
         return self.fn(samples, prompts, **meta)
 
+    def close(self) -> None:
+        """Release what the underlying reward holds, if it has a ``close()``."""
+        close = getattr(self.fn, "close", None)
+        if callable(close):
+            close()
+
     def __repr__(self) -> str:
         return f"Reward({self.name!r}, style={self.style})"
 
@@ -298,5 +304,9 @@ class RewardMixer:
         return MixedRewards(total, components, valid, metrics)
 
     def close(self) -> None:
+        """Stop the timeout pool and close every reward that holds resources (``close()``: an LLM
+        judge's engine, a remote endpoint's session)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        for reward in self.rewards.values():
+            reward.close()

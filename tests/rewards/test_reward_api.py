@@ -61,6 +61,16 @@ USER_MODULE = textwrap.dedent('''
 
         def __call__(self, samples, prompts, **meta):
             return [self.bonus + i for i in range(len(samples))]
+
+    class Holding:
+        """A reward that owns a resource (an engine, a session) and releases it in close()."""
+        closed = 0
+
+        def __call__(self, samples, prompts, **meta):
+            return [0.0] * len(samples)
+
+        def close(self):
+            Holding.closed += 1
 ''')
 
 TEXTS = ["12", "1234", "x", "123456"]
@@ -122,6 +132,13 @@ def test_class_reward_built_once_with_kwargs(user_module):
         out = mixer(TEXTS, PROMPTS)
     assert user_module.Counting.built == 1
     assert out.total.tolist() == [10.0, 11.0, 12.0, 13.0]
+
+
+def test_close_reaches_rewards_that_hold_resources(user_module):
+    mixer = RewardMixer(RewardsConfig(rewards={"my_rewards:Holding": 1.0, "my_rewards:scaled": 1.0}))
+    mixer(TEXTS, PROMPTS)
+    mixer.close()
+    assert user_module.Holding.closed == 1
 
 
 def test_unknown_reward_names_candidates():
