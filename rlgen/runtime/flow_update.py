@@ -8,10 +8,13 @@ DeepSpeed engine; tests and the single-process path pass :class:`TorchEngine`. T
 must go through the engine: DeepSpeed does per-micro-step bookkeeping in ``engine.forward`` (ZeRO-3
 overwrites instead of accumulating gradients without it).
 
-One inner epoch = ONE optimizer update: every (micro-batch × train step) pair is one backward, and
-the engine accumulates them all, so the update follows the gradient of the mean per-step loss over
-the rank's samples and the iteration's train steps. DeepSpeed's ``gradient_accumulation_steps``
-must therefore equal :func:`grad_accum_steps` (checked here), which is fixed by config.
+An inner epoch shuffles the rank's samples and splits them into ``num_minibatches`` mini-batches,
+one optimizer update each (PPO-style; 1 = one update per epoch). Every (micro-batch × train step)
+pair of a mini-batch is one backward and the engine accumulates them all, so each update follows
+the gradient of the mean per-step loss over the mini-batch's samples and the iteration's train
+steps. Later mini-batches are scored by an already-moved policy, so the ratio and its clip matter
+even in the first epoch. DeepSpeed's ``gradient_accumulation_steps`` must therefore equal
+:func:`grad_accum_steps` (checked here), which is fixed by config.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ class LearnerConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0              # global grad-norm clip at each optimizer update (0 = off)
     micro_batch_size: int = 4           # samples per forward/backward on one rank
-    num_inner_epochs: int = 1           # optimizer updates per rollout batch (each reshuffles)
+    num_inner_epochs: int = 1           # passes over each rollout batch (each reshuffles)
+    num_minibatches: int = 1            # optimizer updates per pass: the rank's samples split this many ways
     timestep_fraction: float = 1.0      # train on this fraction of the SDE steps (same subset per iteration)
     zero_stage: int = 2                 # DeepSpeed ZeRO stage 0-3
     zero3_persistence_threshold: int = 100_000  # ZeRO-3 keeps parameters smaller than this whole on each rank
@@ -51,8 +55,8 @@ class LearnerConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
     def __post_init__(self):
-        if self.micro_batch_size < 1 or self.num_inner_epochs < 1 or self.num_learners < 1:
-            raise ValueError("micro_batch_size, num_inner_epochs and num_learners must be >= 1")
+        if min(self.micro_batch_size, self.num_inner_epochs, self.num_learners, self.num_minibatches) < 1:
+            raise ValueError("micro_batch_size, num_inner_epochs, num_minibatches and num_learners must be >= 1")
         if not 0.0 < self.timestep_fraction <= 1.0:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -70,7 +74,7 @@ def num_train_steps(num_sde_steps: int, timestep_fraction: float) -> int:
 
 
 def grad_accum_steps(cfg: LearnerConfig, batch_size: int, num_sde_steps: int) -> int:
-    """Backwards per optimizer update on one rank: micro-batches per rank × train steps.
+    """Backwards per optimizer update on one rank: micro-batches per mini-batch × train steps.
 
     ``batch_size`` is the global samples per iteration (prompts × G), ``num_sde_steps`` the
     stochastic steps per trajectory (rollout num_steps, or its sde_window).
@@ -79,7 +83,11 @@ def grad_accum_steps(cfg: LearnerConfig, batch_size: int, num_sde_steps: int) ->
     if rem or per_rank % cfg.micro_batch_size or per_rank == 0:
         raise ValueError(f"a batch of {batch_size} samples must split into {cfg.num_learners} learner shards "
                          f"of a multiple of micro_batch_size={cfg.micro_batch_size} samples")
-    return per_rank // cfg.micro_batch_size * num_train_steps(num_sde_steps, cfg.timestep_fraction)
+    micro = per_rank // cfg.micro_batch_size
+    if micro % cfg.num_minibatches:
+        raise ValueError(f"{micro} micro-batches of {cfg.micro_batch_size} per learner do not split into "
+                         f"num_minibatches={cfg.num_minibatches} equal mini-batches")
+    return micro // cfg.num_minibatches * num_train_steps(num_sde_steps, cfg.timestep_fraction)
 
 
 def choose_train_steps(sde_mask: torch.Tensor, timestep_fraction: float, generator: torch.Generator) -> list[int]:
@@ -252,7 +260,7 @@ def _micro_batch_step(policy, ref_policy, mb: ImageRollout, j: int, algo: FlowGR
 
 def flow_grpo_update(policy: nn.Module, ref_policy: nn.Module | None, batch: ImageRollout, algo: FlowGRPOConfig,
                      cfg: LearnerConfig, engine, generator: torch.Generator) -> dict:
-    """Train ``policy`` on this rank's share of a rollout: ``num_inner_epochs`` optimizer updates.
+    """Train ``policy`` on this rank's share of a rollout: ``num_inner_epochs × num_minibatches`` updates.
 
     ``generator`` first draws the iteration's train steps (seed it the same on every rank, so all
     ranks train the same steps), then one shuffle per inner epoch. The reference is ``ref_policy``,
@@ -263,23 +271,27 @@ def flow_grpo_update(policy: nn.Module, ref_policy: nn.Module | None, batch: Ima
     if getattr(engine.module, "policy", None) is not policy:
         raise ValueError("the engine must wrap PolicyVelocity(policy) of the policy being trained")
     steps = choose_train_steps(batch.sde_mask, cfg.timestep_fraction, generator)
-    expected = len(batch) // cfg.micro_batch_size * len(steps)
-    if engine.gradient_accumulation_steps() != expected:
+    n_micro = len(batch) // cfg.micro_batch_size
+    expected = n_micro // cfg.num_minibatches * len(steps)
+    if engine.gradient_accumulation_steps() != expected or n_micro % cfg.num_minibatches:
         raise ValueError(f"engine accumulates {engine.gradient_accumulation_steps()} backwards per update, but this "
-                         f"batch gives {expected} ({len(batch)} samples / micro-batch {cfg.micro_batch_size} × "
-                         f"{len(steps)} train steps): the batch does not match the configured geometry")
+                         f"batch gives {expected} ({len(batch)} samples / micro-batch {cfg.micro_batch_size} / "
+                         f"{cfg.num_minibatches} mini-batches × {len(steps)} train steps): the batch does not "
+                         f"match the configured geometry")
     sums, n_losses, grad_norms = defaultdict(float), 0, []
     policy.train()
     for _ in range(cfg.num_inner_epochs):
         order = torch.randperm(len(batch), generator=generator)  # (B,) this epoch's sample order
-        for start in range(0, len(batch), cfg.micro_batch_size):
+        for m in range(n_micro):
+            start = m * cfg.micro_batch_size
             mb = batch.select(order[start:start + cfg.micro_batch_size])
             for j in steps:
                 for k, v in _micro_batch_step(policy, ref_policy, mb, j, algo, cfg, engine).items():
                     sums[k] += v
                 n_losses += 1
-        norm = engine.get_global_grad_norm()
-        grad_norms.append(float("nan") if norm is None else float(norm))
+            if (m + 1) % (n_micro // cfg.num_minibatches) == 0:  # the engine just stepped the optimizer
+                norm = engine.get_global_grad_norm()
+                grad_norms.append(float("nan") if norm is None else float(norm))
     metrics = {k: v / n_losses for k, v in sums.items()}
     metrics.update(grad_norm=sum(grad_norms) / len(grad_norms), num_train_steps=len(steps), samples=len(batch))
     return metrics

@@ -54,14 +54,15 @@ class GradRecorder(torch.optim.Optimizer):
                            for g in self.param_groups for p in g["params"]])
 
 
-def recorded_grads(policy, batch, algo, cfg, seed=0):
+def recorded_grads(policy, batch, algo, cfg, seed=0, all_updates=False):
     pol = copy.deepcopy(policy)
     rec = GradRecorder(list(pol.parameters()))
     steps = num_train_steps(int(batch.sde_mask.sum()), cfg.timestep_fraction)
-    engine = TorchEngine(PolicyVelocity(pol), rec, len(batch) // cfg.micro_batch_size * steps, grad_clip=0.0)
+    gas = len(batch) // cfg.micro_batch_size // cfg.num_minibatches * steps
+    engine = TorchEngine(PolicyVelocity(pol), rec, gas, grad_clip=0.0)
     metrics = flow_grpo_update(pol, None, batch, algo, cfg, engine, torch.Generator().manual_seed(seed))
-    assert len(rec.grads) == cfg.num_inner_epochs  # one optimizer update per inner epoch
-    return rec.grads[0], metrics
+    assert len(rec.grads) == cfg.num_inner_epochs * cfg.num_minibatches  # one update per mini-batch
+    return (rec.grads if all_updates else rec.grads[0]), metrics
 
 
 def hand_grads(policy, batch, steps):
@@ -136,6 +137,22 @@ def test_timestep_fraction_trains_a_seeded_subset(policy):
     window = make_rollout(policy, num_steps=4, sde_window=2, seed=1)
     sde = set(torch.nonzero(window.sde_mask).flatten().tolist())
     assert len(sde) == 2 and set(choose_train_steps(window.sde_mask, 0.5, torch.Generator())) <= sde
+
+
+def test_minibatches_split_the_epoch_into_updates(policy):
+    # GradRecorder never moves the weights, so each update's gradient is the unclipped objective
+    # on its half of the samples: the two halves' means average to the full-batch mean.
+    batch = make_rollout(policy)
+    algo = FlowGRPOConfig(kl_beta=0.0, **NO_CLIP)
+    grads, metrics = recorded_grads(policy, batch, algo, LearnerConfig(micro_batch_size=1, num_minibatches=2),
+                                    all_updates=True)
+    full = hand_grads(policy, batch, steps=[0, 1, 2])
+    assert len(grads) == 2 and metrics["samples"] == 4
+    halves = [None if a is None else (a + b) / 2 for a, b in zip(*grads)]
+    assert_grads_close(halves, full)
+    assert any(a is not None and (a - f).abs().max() > 1e-6 for a, f in zip(grads[0], full))
+    with pytest.raises(ValueError, match="num_minibatches=3"):
+        grad_accum_steps(LearnerConfig(micro_batch_size=1, num_minibatches=3), 4, 3)
 
 
 def test_engine_accumulation_must_match_the_batch(policy):
