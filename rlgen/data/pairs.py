@@ -242,7 +242,8 @@ def write_pairs(path: str | Path, records: list[dict]) -> Path:
     if p.suffix == ".parquet":
         import datasets
 
-        datasets.Dataset.from_list(records).to_parquet(str(tmp))
+        keys = list(dict.fromkeys(k for r in records for k in r))  # from_list keeps only the first row's keys
+        datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in records]).to_parquet(str(tmp))
     else:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     tmp.replace(p)

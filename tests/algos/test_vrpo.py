@@ -59,7 +59,8 @@ def models():
     policy = copy.deepcopy(ref)
     with torch.no_grad():  # a nearby policy, as after some DPO steps
         for p in policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            if p.numel() > 1:
+                p.add_(0.1 * p.std() * torch.randn_like(p))
     return policy, ref
 
 

@@ -62,8 +62,9 @@ def test_build_text_pairs_round_trip(tmp_path):
     for r in pairs.rows:
         problem = r.meta["problem"]
         assert r.prompt == problem["expression"] + "=" and r.meta["gen_length"] == 3
-        assert verify_arith(problem, r.chosen, partial=True) == r.chosen_score > r.rejected_score
-        assert verify_arith(problem, r.rejected, partial=True) == r.rejected_score
+        assert r.chosen_score > r.rejected_score  # scores are the reward's float32 values
+        assert verify_arith(problem, r.chosen, partial=True) == pytest.approx(r.chosen_score, rel=1e-6)
+        assert verify_arith(problem, r.rejected, partial=True) == pytest.approx(r.rejected_score, abs=1e-7)
 
 
 def test_check_command(tmp_path, capsys):
