@@ -6,15 +6,18 @@ For each strategy: accuracy on held-out problems, forward passes per answer toke
 tokens/s batched (--batch-size) and at batch 1 (on --n1 problems), all as ratios to LLaDA's
 default (one token per step, one block). Strategies:
   one_per_step      steps = gen_length (the baseline)
-  half_steps        steps = gen_length / 2 (two tokens per step)
+  half_steps        steps = ceil(gen_length / 2) per answer (two tokens per step)
   threshold_<t>     confidence-threshold parallel decoding (Fast-dLLM), per-row early exit
-  threshold+cache   the same with approximate prefix KV caching, blocks of --cache-block tokens
-                    (only for models that accept past_key_values; else reported as n/a)
+  threshold_<t>+cache  the same with approximate prefix KV caching, blocks of --cache-block tokens
+                    (a block size that does not divide the answer width falls back to one block,
+                    whose prefix is the prompt; only for models that accept past_key_values)
 No absolute-time claims: timings are noisy; compare the ratios.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import time
 from collections import defaultdict
 
@@ -43,7 +46,7 @@ def decode(model, problems, batch_size, **kw) -> tuple[list[float], int, int, fl
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
             prompt = torch.tensor([ids[i] for i in chunk])
-            n_steps = kw.get("steps") or g
+            n_steps = math.ceil(g * kw["steps_frac"]) if kw.get("steps_frac") else g
             n_steps = max(g // block, n_steps - n_steps % (g // block))
             t0 = time.perf_counter()
             out = generate(model, prompt, gen_length=g, steps=n_steps, block_length=block,
@@ -67,21 +70,20 @@ def main() -> None:
     ap.add_argument("--thresholds", default="0.9,0.7")
     ap.add_argument("--cache-block", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="also write the table as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint).eval()
     problems = benchmark_problems(args.task, None, {"n_per_level": args.n_per_level})
-    strategies = {"one_per_step": {}, "half_steps": {"half": True}}
+    strategies = {"one_per_step": {}, "half_steps": {"steps_frac": 0.5}}
     for t in args.thresholds.split(","):
         strategies[f"threshold_{t}"] = {"threshold": float(t)}
-    strategies["threshold+cache"] = {"threshold": float(args.thresholds.split(",")[0]), "cache": "prefix",
-                                     "block_length": args.cache_block}
+    for t in args.thresholds.split(","):
+        strategies[f"threshold_{t}+cache"] = {"threshold": float(t), "cache": "prefix",
+                                              "block_length": args.cache_block}
     rows = {}
     with torch.no_grad():
         for name, kw in strategies.items():
-            if kw.pop("half", False):
-                g = get_task(args.task).gen_length(problems[0])
-                kw["steps"] = max(1, g // 2)
             try:
                 r, steps, toks, secs = decode(model, problems, args.batch_size, **dict(kw))
                 _, _, toks1, secs1 = decode(model, problems[:args.n1], 1, **dict(kw))
@@ -100,6 +102,11 @@ def main() -> None:
         acc, nfe, tps, tps1 = row
         print(f"{name:18s} {acc:8.3f} {100 * (acc - base[0]):+8.1f} {nfe:8.3f} {tps / base[2]:10.2f} "
               f"{tps1 / base[3]:10.2f}")
+    if args.out:
+        table = {name: None if row is None else dict(zip(("accuracy", "nfe_per_token", "tokens_per_s",
+                                                          "tokens_per_s_batch1"), row)) for name, row in rows.items()}
+        with open(args.out, "w") as fh:
+            json.dump({"args": vars(args), "n_problems": len(problems), "strategies": table}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -165,11 +165,13 @@ class TextGRPOTrainer:
         dev = self.device
         plans, olds, refs = [], [], []
         with torch.no_grad():  # old policy = the policy before this iteration's first step
-            for _ in range(a.inner_iterations):
+            for i in range(a.inner_iterations):
                 ps = [make_plan(a, b.tokens, b.order, b.prompt_length, self.policy.mask_id, g) for b, _ in kept]
                 ps = [type(p)(p.inputs.to(dev), p.view.to(dev), p.prompt_length) for p in ps]
                 plans.append(ps)
-                olds.append([plan_logprobs(self.policy, p, b.tokens.to(dev), self.banned) for p, (b, _) in zip(ps, kept)])
+                # step 0 runs before any update: its old log-probs are its own, detached (one forward saved)
+                olds.append([None if i == 0 else plan_logprobs(self.policy, p, b.tokens.to(dev), self.banned)
+                             for p, (b, _) in zip(ps, kept)])
                 refs.append([plan_logprobs(self.ref, p, b.tokens.to(dev), self.banned) if self.ref is not None else None
                              for p, (b, _) in zip(ps, kept)])
         sums: dict[str, float] = {}
@@ -177,6 +179,7 @@ class TextGRPOTrainer:
             self.opt.zero_grad(set_to_none=True)
             for p, (b, adv), old, ref in zip(plans[i], kept, olds[i], refs[i]):
                 lp = plan_logprobs(self.policy, p, b.tokens.to(dev), self.banned)
+                old = lp.detach() if old is None else old
                 loss, lm = policy_loss(lp, old, adv.to(dev), p.token_mask, a.clip_range, ref, a.kl_beta, a.adv_clip_max)
                 w = len(b) / n_kept
                 (loss * w).backward()
