@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from rlgen.models import ModelLoadError
 from rlgen.registry import BENCHMARKS, RegistryError
 from rlgen.runtime.rundir import CheckpointError, resolve_checkpoint
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                           options=_parse_options(args.options),
                           grid=args.out.with_suffix(".png") if args.out else None)
         result = run_benchmark(args.benchmark, req)
-    except (CheckpointError, RegistryError, ValueError) as e:
+    except (CheckpointError, ModelLoadError, RegistryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = json.dumps(result, indent=2)

@@ -143,9 +143,12 @@ def _benchmark(task: str):
         if unknown:
             raise ValueError(f"{task} benchmark: unknown option(s) {sorted(unknown)}; "
                              f"known: {sorted(DECODE_DEFAULTS) + sorted(SET_DEFAULTS)}")
+        problems = benchmark_problems(task, req.problems, req.options)  # a bad file fails before the model loads
         device = resolve_device(req.device)
         model = load_model(req.checkpoint, device=str(device)).eval()
-        problems = benchmark_problems(task, req.problems, req.options)
+        if not hasattr(model, "mask_id"):
+            raise ValueError(f"{req.checkpoint}: holds a {type(model).__name__}, not a masked-diffusion text model; "
+                             f"the {task} benchmark needs one")
         settings = {**DECODE_DEFAULTS, **{k: v for k, v in req.options.items() if k in DECODE_DEFAULTS}}
         gen = torch.Generator(device=device).manual_seed(req.seed)
         k = req.samples_per_prompt or 1

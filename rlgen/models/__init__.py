@@ -52,10 +52,13 @@ def load_model(path: str | Path, device: str = "cpu"):
     except CheckpointError as e:  # a missing or empty folder is a model that cannot load
         raise ModelLoadError(str(e)) from e
     meta = read_model_meta(ckpt)
-    cls = MODELS.get(meta["model_type"])
+    try:
+        cls = MODELS.get(meta["model_type"])
+    except Exception as e:  # RegistryError, or an import error of a 'module:attr' model type
+        raise ModelLoadError(f"{ckpt / MODEL_META}: model_type {meta['model_type']!r}: {e}") from e
     try:
         return cls.from_pretrained(ckpt, device=device)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        if isinstance(e, ModelLoadError):
-            raise
-        raise ModelLoadError(f"{ckpt}: cannot load {meta['model_type']} model: {e}") from e
+    except ModelLoadError:
+        raise
+    except Exception as e:  # safetensors, transformers and diffusers raise many types for a bad file
+        raise ModelLoadError(f"{ckpt}: cannot load {meta['model_type']} model: {type(e).__name__}: {e}") from e

@@ -99,7 +99,7 @@ class UNetBackbone(nn.Module):
         from diffusers import UNet2DConditionModel
 
         if cfg.pretrained_backbone:
-            unet = UNet2DConditionModel.from_pretrained(cfg.pretrained_backbone)
+            unet = UNet2DConditionModel.from_pretrained(cfg.pretrained_backbone, use_safetensors=True)
             want = cfg.in_channels * cfg.unshuffle ** 2
             if unet.config.in_channels != want:
                 raise ValueError(f"unet {cfg.pretrained_backbone} takes {unet.config.in_channels} channels, but "
@@ -122,7 +122,7 @@ class UNetBackbone(nn.Module):
     def load(cls, path: Path, cfg: FlowModelConfig) -> "UNetBackbone":
         from diffusers import UNet2DConditionModel
 
-        return cls(UNet2DConditionModel.from_pretrained(str(path)), cfg.unshuffle)
+        return cls(UNet2DConditionModel.from_pretrained(str(path), use_safetensors=True), cfg.unshuffle)
 
     def save_pretrained(self, path: Path) -> None:
         self.unet.save_pretrained(str(path), safe_serialization=True)
@@ -153,7 +153,7 @@ class SD3Backbone(nn.Module):
         from diffusers import SD3Transformer2DModel
 
         if cfg.pretrained_backbone:
-            model = SD3Transformer2DModel.from_pretrained(cfg.pretrained_backbone)
+            model = SD3Transformer2DModel.from_pretrained(cfg.pretrained_backbone, use_safetensors=True)
         else:
             s = cfg.sd3
             inner = s.num_attention_heads * s.attention_head_dim
@@ -173,7 +173,7 @@ class SD3Backbone(nn.Module):
         from diffusers import SD3Transformer2DModel
         from safetensors.torch import load_file
 
-        backbone = cls(SD3Transformer2DModel.from_pretrained(str(path)), cfg.text_dim)
+        backbone = cls(SD3Transformer2DModel.from_pretrained(str(path), use_safetensors=True), cfg.text_dim)
         wanted = [k for k in backbone.state_dict() if not k.startswith("transformer.")]
         if wanted:  # projections to a pretrained model's text widths
             adapter = path / "adapter.safetensors"

@@ -72,10 +72,11 @@ class MaskedDiffusionLM(nn.Module):
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"{p}: no config.json; expected a local Hugging Face model folder")
         tokenizer = load_tokenizer(tokenizer_path or p)
-        kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+        # safetensors only: a pickled pytorch_model.bin can run code when loaded
+        kw = dict(local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=True)
         if dtype is not None:
             kw["dtype"] = dtype
-        config = AutoConfig.from_pretrained(str(p), **kw)
+        config = AutoConfig.from_pretrained(str(p), **{k: v for k, v in kw.items() if k != "use_safetensors"})
         with quiet_hf_progress():
             try:
                 net = AutoModelForMaskedLM.from_pretrained(str(p), **kw)

@@ -103,7 +103,7 @@ class PromptEncoder(nn.Module):
     def from_pretrained(cls, path: str | Path) -> "PromptEncoder":
         from transformers import BertModel
 
-        return cls(BertModel.from_pretrained(str(path), add_pooling_layer=False))
+        return cls(BertModel.from_pretrained(str(path), add_pooling_layer=False, use_safetensors=True))
 
     def save_pretrained(self, path: str | Path) -> None:
         self.bert.save_pretrained(str(path), safe_serialization=True)

@@ -238,7 +238,7 @@ class _State:
 
     def load(self, ckpt: Path) -> int:
         """The model was built from ``ckpt`` already; restore optimizer (and raw weights under EMA)."""
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
         if self.ema is not None:
             self.ema.load_state_dict(self.model.state_dict())
             if state.get("model") is None:

@@ -14,6 +14,8 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlgen.runtime.cluster import check_feasible
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on this machine right now (bound, read, released)."""
@@ -40,6 +42,7 @@ class RayActorGroup:
         if num_actors < 1:
             raise ValueError(f"num_actors must be >= 1, got {num_actors}")
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        check_feasible([bundle] * num_actors, f"{num_actors} {actor_cls.__name__} actor(s)")  # not a 120 s wait
         self.pg = placement_group([dict(bundle) for _ in range(num_actors)], strategy=strategy, name=name)
         try:
             ray.get(self.pg.ready(), timeout=120)

@@ -1,4 +1,8 @@
-"""Starting or attaching to a Ray cluster with safe defaults (127.0.0.1, no dashboard, no token)."""
+"""Starting or attaching to a Ray cluster with safe defaults (127.0.0.1, no dashboard, no token).
+
+``check_feasible`` turns a request the cluster can never satisfy (more GPUs or CPUs than it has)
+into an error naming the config keys, where Ray itself would wait forever for the resources.
+"""
 from __future__ import annotations
 
 import math
@@ -37,3 +41,25 @@ def init_ray(cfg: RayConfig, min_cpus: float) -> bool:
         kwargs["num_gpus"] = cfg.num_gpus
     ray.init(**kwargs)
     return True
+
+
+def check_feasible(bundles: list[dict[str, float]], what: str) -> None:
+    """Raise if ``bundles`` (one resource dict per actor) cannot fit the cluster's *total* resources.
+
+    Ray queues an infeasible request silently (an actor or placement group that never starts);
+    this checks each bundle against the largest node and the sum against the whole cluster. A
+    cluster that autoscales may grow later, so only a local cluster's totals are final; an attached
+    cluster is checked against what it has now.
+    """
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    for key in sorted({k for b in bundles for k in b}):
+        need = sum(b.get(key, 0) for b in bundles)
+        per = max((b.get(key, 0) for b in bundles), default=0)
+        biggest = max((n.get(key, 0) for n in nodes), default=0)
+        if need > total.get(key, 0) + 1e-9 or per > biggest + 1e-9:
+            raise RuntimeError(f"{what}: asks for {need:g} {key} in all ({len(bundles)} × {per:g}), but the Ray "
+                               f"cluster has {total.get(key, 0):g} {key} (largest node {biggest:g}); lower the "
+                               f"request or set ray.num_{key.lower()}s / attach a bigger cluster with ray.address")

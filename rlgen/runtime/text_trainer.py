@@ -122,7 +122,7 @@ class TextGRPOTrainer:
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, weight_decay=o.weight_decay)
         self.start = 0
         if resume is not None:
-            state = torch.load(resume / "trainer_state.pt", map_location="cpu", weights_only=False)
+            state = torch.load(resume / "trainer_state.pt", map_location="cpu", weights_only=True)
             self.opt.load_state_dict(state["optimizer"])
             self.start = int(state["iteration"])
         self.rewards = RewardMixer({"rewards": dict(cfg.rewards or {f"{self.task.name}_verifier": 1.0}),
