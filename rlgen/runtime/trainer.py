@@ -52,9 +52,24 @@ class Trainer:
             pretrain(pcfg)
         return resolve_checkpoint(p)
 
+    def _check_prompts_parse(self) -> None:
+        """A prompts file scored by the shapes verifier must be in its grammar: say so now, with the
+        line, rather than as a reward error after the first rollouts."""
+        c = self.cfg
+        if c.prompts.source != "file" or not any(n in ("shapes_verifier", "shapes_pass") for n in c.rewards):
+            return
+        from rlgen.data.shapes import PromptError, parse_prompt
+
+        for i, line in enumerate(Path(c.prompts.file).read_text().splitlines(), 1):
+            if line.strip() and not line.startswith("#"):
+                try:
+                    parse_prompt(line.strip())
+                except PromptError as e:
+                    raise PromptError(f"{c.prompts.file}:{i}: {e}") from None
+
     def _start_actors(self, policy_path: Path) -> None:
         from rewards.worker import make_reward_worker
-        from rlgen.runtime.cluster import init_ray
+        from rlgen.runtime.cluster import check_feasible, init_ray
         from rlgen.runtime.learner import LearnerGroup
         from rollouts.worker import RolloutWorker
 
@@ -62,6 +77,11 @@ class Trainer:
         need = r.rollout_workers * r.rollout_cpus + r.reward_workers * r.reward_cpus + \
             c.learner.num_learners * r.learner_cpus
         self.started_ray = init_ray(c.ray, need)
+        # Ray queues an impossible request forever; refuse it with the numbers instead.
+        check_feasible([{"CPU": r.rollout_cpus, "GPU": r.rollout_gpus}] * r.rollout_workers
+                       + [{"CPU": r.reward_cpus}] * r.reward_workers
+                       + [{"CPU": r.learner_cpus, "GPU": r.learner_gpus}] * c.learner.num_learners,
+                       "rollout, reward and learner actors")
         threads = r.rollout_threads or max(1, int(r.rollout_cpus))
         actor = ray.remote(num_cpus=r.rollout_cpus, num_gpus=r.rollout_gpus, max_restarts=2)(RolloutWorker)
         lora = dict(lora_rank=c.learner.lora_rank, lora_alpha=c.learner.lora_alpha,
@@ -207,13 +227,15 @@ class Trainer:
 
         c = self.cfg
         seed_everything(c.run.seed)
-        base = self._base_checkpoint()
-        prepare_run_dir(c)
+        # Everything that can reject the config runs before the run folder is touched.
         self.prompt_source = PromptSource(c.prompts, c.run.seed)
+        self._check_prompts_parse()
         self.evaluator = ImageEvaluator(c.eval) if c.eval.benchmark else None
+        base = self._base_checkpoint()
         self.eval_history: list[dict] = []
-        self._start_actors(base)
         try:
+            self._start_actors(base)  # refuses impossible resource requests, before the folder is written
+            prepare_run_dir(c)
             start = self._resume()
             log = MetricsLogger(self.run_dir, c.run.tensorboard, resume_step=start if start > 0 else None)
             if start == 0:

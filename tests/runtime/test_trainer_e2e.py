@@ -58,3 +58,20 @@ def test_unknown_key_is_a_clear_error(tmp_path, capsys):
     assert train_rl.main(["--config", "configs/rl/flow_grpo_shapes.yaml", "algo.clip_rnage=0.1"]) == 2
     err = capsys.readouterr().err
     assert "algo.clip_rnage" in err and "flow_grpo_shapes.yaml" in err
+
+
+def test_prompt_outside_the_grammar_is_refused_before_the_run_folder_changes(tmp_path, policy_dir):
+    import train_rl
+    from rlgen.data.shapes import PromptError
+
+    run = tmp_path / "e2e"
+    run.mkdir()
+    (run / "config.yaml").write_text("kind: flow_grpo\n# an earlier run's resolved config\n")
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rglob("*")}
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na photo of a cat\n")
+    args = [*overrides(tmp_path, policy_dir, 1), "prompts.source=file", f"prompts.file={prompts}",
+            "rewards={shapes_verifier: 1.0}"]
+    with pytest.raises(PromptError, match=r"prompts\.txt:2: .*a photo of a cat"):
+        train_rl.main(["--config", "configs/rl/flow_grpo_shapes.yaml", *args])
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rglob("*")} == before
