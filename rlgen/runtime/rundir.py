@@ -30,12 +30,28 @@ class CheckpointError(RuntimeError):
 
 
 def prepare_run_dir(cfg) -> Path:
-    """Create runs/<name>/ and write the resolved config. ``cfg.run`` must be a RunConfig."""
+    """Create runs/<name>/ and write the resolved config. ``cfg.run`` must be a RunConfig.
+
+    A fresh run (``run.resume=no``) in a folder that already holds checkpoints moves the old run
+    aside to ``<name>.prev-<time>`` first: starting over never deletes earlier work.
+    """
     d = cfg.run.dir
+    if str(getattr(cfg.run, "resume", "no")) == "no" and _has_checkpoints(d):
+        aside = d.with_name(f"{d.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            aside, n = d.with_name(f"{d.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+        os.replace(d, aside)
+        print(f"[rlgen] {d} held an earlier run (run.resume=no starts over): moved it to {aside}")
     (d / "samples").mkdir(parents=True, exist_ok=True)
     (d / CKPT_DIRNAME).mkdir(exist_ok=True)
     save_config(cfg, d / "config.yaml")
     return d
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    root = Path(run_dir) / CKPT_DIRNAME
+    return root.is_dir() and any(p.name.isdigit() for p in root.iterdir())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,3 +61,31 @@ def test_metrics_nonfinite_values_stay_visible(tmp_path):
     row = log.log(1, loss=float("nan"))
     log.close()
     assert row["loss"] == "nan"
+
+
+def test_fresh_run_moves_an_earlier_run_aside_instead_of_mixing_or_deleting(tmp_path):
+    from dataclasses import dataclass, field
+
+    from rlgen.config import RunConfig
+    from rlgen.runtime.rundir import prepare_run_dir
+
+    @dataclass
+    class Job:
+        kind: str = "toy"
+        run: RunConfig = field(default_factory=lambda: RunConfig(name="r", root=str(tmp_path)))
+
+    cfg = Job()
+    run = prepare_run_dir(cfg)
+    with atomic_checkpoint(run, 5) as d:
+        (d / "w.txt").write_text("earlier")
+    (run / "metrics.jsonl").write_text('{"step": 5}\n')
+    prepare_run_dir(cfg)  # resume=no: start over
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.prev-")]
+    assert len(aside) == 1 and (aside[0] / "checkpoints" / "5" / "w.txt").read_text() == "earlier"
+    assert (aside[0] / "metrics.jsonl").is_file()
+    assert not list((run / "checkpoints").iterdir()) and not (run / "metrics.jsonl").exists()
+    cfg.run.resume = "auto"  # resuming keeps the folder where it is
+    with atomic_checkpoint(run, 1):
+        pass
+    prepare_run_dir(cfg)
+    assert (run / "checkpoints" / "1").is_dir() and len(list(tmp_path.glob("r.prev-*"))) == 1
