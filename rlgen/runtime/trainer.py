@@ -25,6 +25,13 @@ from rlgen.runtime.rundir import (MetricsLogger, atomic_checkpoint, find_latest_
                                   prune_checkpoints, resolve_checkpoint)
 
 
+MAX_RETRIES = 3  # re-issues of one lost call before the iteration fails
+
+
+class _StaleWeights(RuntimeError):
+    """A rollout came from weights older than the learner's: its worker was restarted."""
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.default_rng(list(parts)).integers(2**62))
 
@@ -34,6 +41,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir: Path = cfg.run.dir
         self.started_ray = False
+        self.weights_version, self._weights_ref = 0, None  # what the rollout workers should hold
+        self.fault_count = self.faults_this_iter = 0
 
     # ------------------------------------------------------------------------------------------
     # set-up
@@ -102,7 +111,13 @@ class Trainer:
     # one iteration
     # ------------------------------------------------------------------------------------------
     def _rollouts(self, it: int):
-        """Shard prompt groups across workers; score each shard as soon as it arrives."""
+        """Shard prompt groups across workers; score each shard as soon as it arrives.
+
+        A shard whose worker died (Ray restarts it: ``max_restarts``) or came back with stale
+        weights is re-issued with the same seed after the worker is given the current weights, so
+        the batch is exactly what an undisturbed worker would have produced. The same holds for a
+        reward worker that dies while scoring.
+        """
         from rlgen.runtime.batches import ImageRollout
 
         c = self.cfg
@@ -110,36 +125,89 @@ class Trainer:
         g = c.prompts.group_size
         n_w = len(self.rollout_workers)
         shards = [list(range(i, len(prompts), n_w)) for i in range(n_w)]
-        pending = {}
+        pending, jobs = {}, {}
         t0 = time.time()
-        for w_idx, (worker, idxs) in enumerate(zip(self.rollout_workers, shards)):
+        for w_idx, idxs in enumerate(shards):
             if not idxs:
                 continue
             ps = [prompts[i] for i in idxs for _ in range(g)]
             gids = torch.tensor([i for i in idxs for _ in range(g)])
-            ref = worker.generate.remote(ps, gids, _seed(c.run.seed, it, w_idx))
-            pending[ref] = w_idx
-        rollouts, scores, t_roll = [], [], 0.0
+            jobs[w_idx] = (ps, gids, _seed(c.run.seed, it, w_idx))
+            pending[self.rollout_workers[w_idx].generate.remote(*jobs[w_idx])] = w_idx
+        results, scores, t_roll = {}, {}, 0.0
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            ref = done[0]
-            w_idx = pending.pop(ref)
-            ro = ray.get(ref)
+            w_idx = pending.pop(done[0])
+            try:
+                ro = ray.get(done[0])
+                if ro.weights_version != self.weights_version:
+                    raise _StaleWeights(f"rollout worker {w_idx} sampled with weights v{ro.weights_version}, "
+                                        f"the learner is at v{self.weights_version}")
+            except (ray.exceptions.RayActorError, _StaleWeights) as e:
+                self._recover_rollout_worker(w_idx, e)
+                pending[self.rollout_workers[w_idx].generate.remote(*jobs[w_idx])] = w_idx
+                continue
             t_roll = time.time() - t0
-            rw = self.reward_workers[w_idx % len(self.reward_workers)]
-            rollouts.append(ro)
-            scores.append(rw.score.remote(ro.samples.numpy(), ro.prompts, {}))
+            results[w_idx] = ro
+            scores[w_idx] = self._score(w_idx, ro)
         t1 = time.time()
-        mixed = ray.get(scores)
+        order = sorted(results)
+        mixed = [self._get_score(w_idx, scores[w_idx], results[w_idx]) for w_idx in order]
         t_reward = time.time() - t1
-        batch = ImageRollout.cat(rollouts)
+        batch = ImageRollout.cat([results[w_idx] for w_idx in order])
         batch.rewards = torch.cat([m.total for m in mixed]).float()
         batch.reward_components = {k: torch.cat([m.components[k] for m in mixed]).float() for k in mixed[0].components}
         return batch, mixed, t_roll, t_reward
 
+    # ------------------------------------------------------------------------------------------
+    # worker faults: Ray restarts a dead actor (max_restarts); the driver re-issues the lost call
+    # ------------------------------------------------------------------------------------------
+    def _score(self, w_idx: int, ro):
+        rw = self.reward_workers[w_idx % len(self.reward_workers)]
+        return rw.score.remote(ro.samples.numpy(), ro.prompts, {})
+
+    def _get_score(self, w_idx: int, ref, ro):
+        for attempt in range(MAX_RETRIES + 1):
+            try:
+                return ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                if attempt == MAX_RETRIES:
+                    raise
+                self._note_fault(f"reward worker {w_idx % len(self.reward_workers)} died while scoring ({type(e).__name__})")
+                self._wait_alive(self.reward_workers[w_idx % len(self.reward_workers)], "ping")
+                ref = self._score(w_idx, ro)
+
+    def _recover_rollout_worker(self, w_idx: int, err: Exception) -> None:
+        self.faults_this_iter += 1
+        if self.faults_this_iter > MAX_RETRIES * max(1, len(self.rollout_workers)):
+            raise RuntimeError(f"rollout workers keep failing ({self.faults_this_iter} faults this iteration); "
+                               f"last: {err}") from err
+        self._note_fault(f"rollout worker {w_idx}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        worker = self.rollout_workers[w_idx]
+        self._wait_alive(worker, "get_version")
+        if self._weights_ref is not None:  # a restarted worker holds the base weights (version 0)
+            ray.get(worker.load_weights.remote(self.weights_version, self._weights_ref))
+
+    def _wait_alive(self, actor, method: str, timeout_s: float = 120.0) -> None:
+        """Block until a restarting actor answers (Ray queues calls until the restart finishes)."""
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                ray.get(getattr(actor, method).remote(), timeout=30)
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def _note_fault(self, msg: str) -> None:
+        self.fault_count += 1
+        print(f"[rlgen] worker fault, re-issuing the lost work: {msg}", flush=True)
+
     def _iteration(self, it: int) -> dict:
         c = self.cfg
         t_start = time.time()
+        faults_before, self.faults_this_iter = self.fault_count, 0
         batch, mixed, t_roll, t_reward = self._rollouts(it)
         batch.advantages = group_advantages(batch.rewards, batch.group_ids, c.algo.adv_eps, c.algo.global_std)
         t0 = time.time()
@@ -157,6 +225,7 @@ class Trainer:
                **{k: v for k, v in learn.items()},
                "frac_zero_adv": (batch.advantages == 0).float().mean().item(),
                "weights_version": version,
+               "worker_faults": self.fault_count - faults_before,
                "time_rollout": t_roll, "time_reward": t_reward, "time_learn": t_learn, "time_sync": t_sync,
                "time_iter": t_iter,
                "time_overhead": max(0.0, t_iter - t_roll - t_reward - t_learn - t_sync)}
@@ -168,10 +237,17 @@ class Trainer:
         return row
 
     def _sync_weights(self) -> int:
-        """Learner rank 0's weights → every rollout worker (one object-store copy, read zero-copy)."""
+        """Learner rank 0's weights → every rollout worker (one object-store copy, read zero-copy).
+
+        The ref is kept so that a worker restarted later can be brought to the same version."""
         version, state = self.learners.get_weights()
-        ref = ray.put(state)
-        ray.get([w.load_weights.remote(version, ref) for w in self.rollout_workers])
+        self._weights_ref, self.weights_version = ray.put(state), version
+        refs = [w.load_weights.remote(version, self._weights_ref) for w in self.rollout_workers]
+        for w_idx, ref in enumerate(refs):
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                self._recover_rollout_worker(w_idx, e)
         return version
 
     # ------------------------------------------------------------------------------------------
@@ -181,8 +257,16 @@ class Trainer:
         if self.evaluator is None:
             return {}
         e = self.cfg.eval
-        images = torch.from_numpy(np.array(ray.get(self.rollout_workers[0].generate_eval.remote(
-            self.evaluator.prompts, e.num_steps, e.cfg_scale, e.seed))))  # copy: object-store arrays are read-only
+        for attempt in range(MAX_RETRIES + 1):
+            try:
+                out = ray.get(self.rollout_workers[0].generate_eval.remote(self.evaluator.prompts, e.num_steps,
+                                                                           e.cfg_scale, e.seed))
+                break
+            except ray.exceptions.RayActorError as err:
+                if attempt == MAX_RETRIES:
+                    raise
+                self._recover_rollout_worker(0, err)
+        images = torch.from_numpy(np.array(out))  # copy: object-store arrays are read-only
         res = self.evaluator.score(images)
         from rlgen.viz import save_image_grid
 
