@@ -149,13 +149,16 @@ def build(args) -> dict:
     triples = select_pairs(scores, args.strategy, args.margin)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records = []
+    records, seen = [], set()
     for p, i, j in triples:
         meta = {"sample_ids": [i, j]}
         if text:
             problem = items[p]
             meta.update(problem=problem, gen_length=get_task(problem["task"]).gen_length(problem))
             chosen, rejected = samples[p * k + i], samples[p * k + j]
+            if (prompts[p], chosen, rejected) in seen:  # a repeated problem drew the same pair again
+                continue
+            seen.add((prompts[p], chosen, rejected))
         else:
             chosen, rejected = f"images/{p:06d}_{i}.png", f"images/{p:06d}_{j}.png"
             for idx, rel in ((i, chosen), (j, rejected)):
