@@ -45,8 +45,38 @@ def prepare_run_dir(cfg) -> Path:
         print(f"[rlgen] {d} held an earlier run (run.resume=no starts over): moved it to {aside}")
     (d / "samples").mkdir(parents=True, exist_ok=True)
     (d / CKPT_DIRNAME).mkdir(exist_ok=True)
+    remove_stale_temp(d)
     save_config(cfg, d / "config.yaml")
     return d
+
+
+def remove_stale_temp(run_dir: Path) -> list[Path]:
+    """Delete checkpoint temp entries (``.tmp-<step>-<pid>``, ``.old-<step>-<pid>``, ``.latest-<pid>``)
+    left by a process that no longer exists: a writer killed mid-save. A live writer's are kept."""
+    root, removed = Path(run_dir) / CKPT_DIRNAME, []
+    if not root.is_dir():
+        return removed
+    for p in root.iterdir():
+        pid = p.name.rsplit("-", 1)[-1]
+        if p.name.startswith((".tmp-", ".old-", ".latest-")) and pid.isdigit() and not _pid_alive(int(pid)):
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _has_checkpoints(run_dir: Path) -> bool:

@@ -89,3 +89,23 @@ def test_fresh_run_moves_an_earlier_run_aside_instead_of_mixing_or_deleting(tmp_
         pass
     prepare_run_dir(cfg)
     assert (run / "checkpoints" / "1").is_dir() and len(list(tmp_path.glob("r.prev-*"))) == 1
+
+
+def test_temp_folders_of_a_dead_writer_are_removed_a_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+
+    from rlgen.runtime.rundir import remove_stale_temp
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    root = tmp_path / "checkpoints"
+    (root / f".tmp-7-{dead.pid}").mkdir(parents=True)
+    (root / f".old-6-{dead.pid}").mkdir()
+    (root / f".tmp-8-{os.getpid()}").mkdir()
+    (root / "5").mkdir()
+    (root / f".latest-{dead.pid}").symlink_to("5")
+    removed = remove_stale_temp(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([f".tmp-7-{dead.pid}", f".old-6-{dead.pid}",
+                                                      f".latest-{dead.pid}"])
+    assert sorted(p.name for p in root.iterdir()) == sorted(["5", f".tmp-8-{os.getpid()}"])

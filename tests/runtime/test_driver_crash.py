@@ -1,0 +1,83 @@
+"""Driver crash (issue #8): SIGKILL train_rl.py while it writes a checkpoint, resume with
+run.resume=auto, and finish with the same metrics steps and the same final weights as an
+uninterrupted run of the same seed (CPU)."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlgen.runtime.rundir import find_latest_checkpoint, read_metrics
+from tests_helpers import tiny_flow_policy
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def args(root, policy, name, ray_tmp, iterations=4, resume="no"):
+    return ["--config", "configs/rl/flow_grpo_shapes.yaml", f"run.root={root}", f"run.name={name}",
+            f"run.resume={resume}", "run.progress=false", "run.tensorboard=false", f"policy.checkpoint={policy}",
+            "rewards={'rewards.examples:brightness': 1.0}", "prompts.per_iteration=2", "prompts.group_size=4",
+            "rollout.num_steps=4", "rollout.batch_size=8", "learner.micro_batch_size=4",
+            "learner.timestep_fraction=0.5", f"train.iterations={iterations}", "train.save_every=1",
+            "train.keep_checkpoints=10", "train.grid_every=0", "eval.benchmark=", f"ray.temp_dir={ray_tmp}",
+            "resources.rollout_threads=1", "resources.learner_threads=1"]
+
+
+def kill_cluster(ray_tmp: str) -> None:
+    """A SIGKILLed driver cannot stop the local Ray cluster it started: stop that one (only)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if ray_tmp.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    os.kill(int(entry), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+
+def weights(ckpt: Path) -> dict:
+    from rlgen.models import load_model
+
+    return {n: p.detach().clone() for n, p in load_model(ckpt).named_parameters()}
+
+
+@pytest.mark.slow  # three short Ray jobs
+def test_sigkill_during_a_checkpoint_write_then_resume_matches_an_uninterrupted_run(tmp_path):
+    policy = tiny_flow_policy(tmp_path / "tiny")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    ray_tmp = tempfile.mkdtemp(prefix="rlk_")
+    try:
+        # 1. crash: wait until the driver is writing checkpoint 2 (its temp folder exists), then kill -9
+        proc = subprocess.Popen([sys.executable, "train_rl.py", *args(tmp_path, policy, "crash", ray_tmp)],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ckpts = tmp_path / "crash" / "checkpoints"
+        deadline = time.time() + 600
+        while not (ckpts.is_dir() and any(p.name.startswith(".tmp-2-") for p in ckpts.iterdir())):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before checkpoint 2"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kill_cluster(ray_tmp)
+        latest = find_latest_checkpoint(tmp_path / "crash")
+        assert latest is not None and latest.name == "1"  # the half-written 2 is never "latest"
+
+        # 2. resume to the end
+        import train_rl
+
+        assert train_rl.main(args(tmp_path, policy, "crash", ray_tmp, resume="auto")) == 0
+        # 3. the same job, never interrupted
+        assert train_rl.main(args(tmp_path, policy, "straight", ray_tmp)) == 0
+    finally:
+        kill_cluster(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    assert [r["step"] for r in read_metrics(tmp_path / "crash")] == [0, 1, 2, 3, 4]
+    assert not any(p.name.startswith(".tmp-") for p in ckpts.iterdir())  # the partial write was cleaned up
+    a, b = weights(ckpts / "4"), weights(tmp_path / "straight" / "checkpoints" / "4")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    assert max((a[k] - weights(ckpts / "0")[k]).abs().max().item() for k in a) > 0  # it did train
