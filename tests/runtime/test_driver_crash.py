@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from rlgen.runtime.rundir import find_latest_checkpoint, read_metrics
 from tests_helpers import tiny_flow_policy
