@@ -43,6 +43,15 @@ class MDMGRPOConfig:
     inner_iterations: int = 2      # μ: gradient steps per rollout batch, each with a fresh plan
     skip_uniform_groups: bool = True  # drop groups whose rewards are all equal (zero advantage)
 
+    def __post_init__(self):  # fail at config load, not after the first rollout
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"algo.estimator {self.estimator!r} is unknown (known: {', '.join(sorted(ESTIMATORS))})")
+        if not 0.0 <= self.coupled_t_min <= self.coupled_t_max <= 1.0:
+            raise ValueError(f"need 0 <= coupled_t_min ({self.coupled_t_min}) <= coupled_t_max "
+                             f"({self.coupled_t_max}) <= 1")
+        if self.inner_iterations < 1:
+            raise ValueError(f"algo.inner_iterations must be >= 1, got {self.inner_iterations}")
+
 
 @dataclass
 class ScorePlan:

@@ -168,6 +168,9 @@ def test_mixed_groups_keeps_only_groups_with_signal():
 
 
 def test_unknown_estimator_is_a_clear_error():
+    with pytest.raises(ValueError, match="estimator 'nope' is unknown"):
+        MDMGRPOConfig(estimator="nope")
+    cfg = MDMGRPOConfig()
+    cfg.estimator = "nope"  # set after construction: make_plan still names it
     with pytest.raises(ValueError, match="unknown estimator 'nope'"):
-        make_plan(MDMGRPOConfig(estimator="nope"), torch.zeros(1, 6, dtype=torch.long),
-                  torch.zeros(1, 3, dtype=torch.long), P, MASK)
+        make_plan(cfg, torch.zeros(1, 6, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long), P, MASK)
