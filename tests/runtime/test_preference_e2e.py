@@ -39,7 +39,8 @@ def test_diffusion_dpo_two_steps_then_resume(tmp_path):
     args = ["--config", "configs/dpo/diffusion_dpo_shapes.yaml", f"run.root={tmp_path}", "run.name=dpo",
             f"policy.checkpoint={policy}", f"pairs.path={tmp_path}/pairs/pairs.jsonl",
             "pairs.build.rewards={'rewards.examples:brightness': 1.0}", f"pairs.build.prompts={prompts}",
-            "pairs.build.samples_per_prompt=3", "pairs.build.num_steps=2", "train.engine=deepspeed",
+            "pairs.build.samples_per_prompt=3", "pairs.build.num_steps=2",
+            "pairs.build.strategy=best_worst", "pairs.build.margin=0", "train.engine=deepspeed",
             "eval.every=2", "eval.prompts_per_task=1", "eval.samples_per_prompt=1", "eval.num_steps=2", *COMMON]
     assert train_rl.main([*args, "train.steps=2"]) == 0
     assert (tmp_path / "pairs" / "contact_sheet.png").is_file()
