@@ -74,7 +74,12 @@ def main() -> None:
     print(f"\ntarget training reward {target:.3f} (start {start:.3f}, best common {best:.3f})")
     for name, rows, t in (("fast", fast, tf), ("full", full, tu)):
         per = sum(r["time_iter"] for r in rows) / len(rows)
-        print(f"  {name}: {per:.2f} s/iteration, time to target: {'not reached' if t is None else f'{t:.0f} s'}")
+        acc = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]  # the job evaluates its last iteration
+        held = f", held-out accuracy after {len(rows)} iterations {acc[-1]:.3f}" if acc else ""
+        print(f"  {name}: {per:.2f} s/iteration, time to target: {'not reached' if t is None else f'{t:.0f} s'}"
+              f"{held}")
+    print(f"  iteration cost ratio (full / fast): "
+          f"{sum(r['time_iter'] for r in full) / len(full) / (sum(r['time_iter'] for r in fast) / len(fast)):.2f}x")
     if tf and tu:
         print(f"  speed-up (full / fast time to target): {tu / tf:.2f}x")
 
