@@ -35,6 +35,7 @@ from rlgen.algos.vrpo import VRPOConfig
 from rlgen.config import RunConfig, register_config
 from rlgen.runtime.evaluator import EvalConfig
 from rlgen.runtime.flow_update import LearnerConfig
+from rlgen.utils import derive_seed
 
 
 @dataclass
@@ -104,17 +105,13 @@ class DiffusionDPOJobConfig:
 class VRPOJobConfig:
     kind: str = "vrpo"
     run: RunConfig = field(default_factory=lambda: RunConfig(name="vrpo"))
-    policy: PreferencePolicyConfig = field(default_factory=lambda: PreferencePolicyConfig("runs/mdm_arith_base"))
+    policy: PreferencePolicyConfig = field(default_factory=lambda: PreferencePolicyConfig("rlgen/assets/mdm_arith_base"))
     pairs: PairsConfig = field(default_factory=PairsConfig)
     algo: VRPOConfig = field(default_factory=VRPOConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     train: PreferenceTrainConfig = field(default_factory=PreferenceTrainConfig)
     eval: TextEvalConfig = field(default_factory=TextEvalConfig)
     modality = "text"
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.default_rng(list(parts)).integers(2**62))
 
 
 class MicroBatchOrder:
@@ -229,7 +226,7 @@ class PreferenceTrainer:
     # ------------------------------------------------------------------------------------------
     def _step(self, step: int) -> dict:
         c = self.cfg
-        gen = torch.Generator().manual_seed(_seed(c.run.seed, step))
+        gen = torch.Generator().manual_seed(derive_seed(c.run.seed, step))
         mbs, epoch = self.order.take((step - 1) * self.gas, self.gas)
         t0 = time.time()
         self.policy.train()
