@@ -17,6 +17,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def derive_seed(*parts: int) -> int:
+    """A seed that is a pure function of ``parts`` (e.g. run seed, iteration, worker): a resumed run
+    draws exactly what the uninterrupted one drew, with no generator state to checkpoint."""
+    return int(np.random.default_rng(list(parts)).integers(2**62))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

@@ -30,7 +30,7 @@ def read_prompt_file(path: Path) -> list[tuple[str, str]]:
         try:
             form = parse_prompt(text).form
         except PromptError as e:
-            raise ValueError(f"{path}:{lineno}: {e}") from e
+            raise PromptError(f"{path}:{lineno}: {e}") from e
         items.append((text, FORM_TO_TASK[form]))
     if not items:
         raise ValueError(f"{path}: no prompts (one prompt per line expected)")

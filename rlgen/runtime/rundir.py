@@ -36,7 +36,7 @@ def prepare_run_dir(cfg) -> Path:
     aside to ``<name>.prev-<time>`` first: starting over never deletes earlier work.
     """
     d = cfg.run.dir
-    if str(getattr(cfg.run, "resume", "no")) == "no" and _has_checkpoints(d):
+    if str(getattr(cfg.run, "resume", "no")) == "no" and find_latest_checkpoint(d) is not None:
         aside = d.with_name(f"{d.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
         n = 1
         while aside.exists():
@@ -68,8 +68,6 @@ def remove_stale_temp(run_dir: Path) -> list[Path]:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,11 +75,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _has_checkpoints(run_dir: Path) -> bool:
-    root = Path(run_dir) / CKPT_DIRNAME
-    return root.is_dir() and any(p.name.isdigit() for p in root.iterdir())
 
 
 # ----------------------------------------------------------------------------------------------

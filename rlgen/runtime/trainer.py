@@ -23,6 +23,7 @@ from rlgen.algos.advantages import group_advantages
 from rlgen.runtime.job import FlowGRPOJobConfig
 from rlgen.runtime.rundir import (MetricsLogger, atomic_checkpoint, find_latest_checkpoint, prepare_run_dir,
                                   prune_checkpoints, resolve_checkpoint)
+from rlgen.utils import derive_seed
 
 
 MAX_RETRIES = 3  # re-issues of one lost call before the iteration fails
@@ -30,10 +31,6 @@ MAX_RETRIES = 3  # re-issues of one lost call before the iteration fails
 
 class _StaleWeights(RuntimeError):
     """A rollout came from weights older than the learner's: its worker was restarted."""
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.default_rng(list(parts)).integers(2**62))
 
 
 class Trainer:
@@ -65,16 +62,10 @@ class Trainer:
         """A prompts file scored by the shapes verifier must be in its grammar: say so now, with the
         line, rather than as a reward error after the first rollouts."""
         c = self.cfg
-        if c.prompts.source != "file" or not any(n in ("shapes_verifier", "shapes_pass") for n in c.rewards):
-            return
-        from rlgen.data.shapes import PromptError, parse_prompt
+        if c.prompts.source == "file" and any(n in ("shapes_verifier", "shapes_pass") for n in c.rewards):
+            from rlgen.eval.shapes import read_prompt_file
 
-        for i, line in enumerate(Path(c.prompts.file).read_text().splitlines(), 1):
-            if line.strip() and not line.startswith("#"):
-                try:
-                    parse_prompt(line.strip())
-                except PromptError as e:
-                    raise PromptError(f"{c.prompts.file}:{i}: {e}") from None
+            read_prompt_file(c.prompts.file)
 
     def _start_actors(self, policy_path: Path) -> None:
         from rewards.worker import make_reward_worker
@@ -132,7 +123,7 @@ class Trainer:
                 continue
             ps = [prompts[i] for i in idxs for _ in range(g)]
             gids = torch.tensor([i for i in idxs for _ in range(g)])
-            jobs[w_idx] = (ps, gids, _seed(c.run.seed, it, w_idx))
+            jobs[w_idx] = (ps, gids, derive_seed(c.run.seed, it, w_idx))
             pending[self.rollout_workers[w_idx].generate.remote(*jobs[w_idx])] = w_idx
         results, scores, t_roll = {}, {}, 0.0
         while pending:
@@ -162,20 +153,32 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # worker faults: Ray restarts a dead actor (max_restarts); the driver re-issues the lost call
     # ------------------------------------------------------------------------------------------
+    def _reward_worker(self, w_idx: int):
+        return self.reward_workers[w_idx % len(self.reward_workers)]
+
     def _score(self, w_idx: int, ro):
-        rw = self.reward_workers[w_idx % len(self.reward_workers)]
-        return rw.score.remote(ro.samples.numpy(), ro.prompts, {})
+        return self._reward_worker(w_idx).score.remote(ro.samples.numpy(), ro.prompts, {})
 
     def _get_score(self, w_idx: int, ref, ro):
+        def recover(err):
+            self._note_fault(f"reward worker {w_idx % len(self.reward_workers)} died while scoring "
+                             f"({type(err).__name__})")
+            self._wait_alive(self._reward_worker(w_idx), "ping")
+
+        return self._get_with_retries(ref, lambda: self._score(w_idx, ro), recover)
+
+    @staticmethod
+    def _get_with_retries(ref, reissue, recover):
+        """``ray.get(ref)``; when its actor died, ``recover(err)`` and get ``reissue()`` instead, at
+        most MAX_RETRIES times."""
         for attempt in range(MAX_RETRIES + 1):
             try:
                 return ray.get(ref)
-            except ray.exceptions.RayActorError as e:
+            except ray.exceptions.RayActorError as err:
                 if attempt == MAX_RETRIES:
                     raise
-                self._note_fault(f"reward worker {w_idx % len(self.reward_workers)} died while scoring ({type(e).__name__})")
-                self._wait_alive(self.reward_workers[w_idx % len(self.reward_workers)], "ping")
-                ref = self._score(w_idx, ro)
+                recover(err)
+                ref = reissue()
 
     def _recover_rollout_worker(self, w_idx: int, err: Exception) -> None:
         self.faults_this_iter += 1
@@ -257,15 +260,11 @@ class Trainer:
         if self.evaluator is None:
             return {}
         e = self.cfg.eval
-        for attempt in range(MAX_RETRIES + 1):
-            try:
-                out = ray.get(self.rollout_workers[0].generate_eval.remote(self.evaluator.prompts, e.num_steps,
-                                                                           e.cfg_scale, e.seed))
-                break
-            except ray.exceptions.RayActorError as err:
-                if attempt == MAX_RETRIES:
-                    raise
-                self._recover_rollout_worker(0, err)
+        def call():
+            return self.rollout_workers[0].generate_eval.remote(self.evaluator.prompts, e.num_steps, e.cfg_scale,
+                                                                e.seed)
+
+        out = self._get_with_retries(call(), call, lambda err: self._recover_rollout_worker(0, err))
         images = torch.from_numpy(np.array(out))  # copy: object-store arrays are read-only
         res = self.evaluator.score(images)
         from rlgen.viz import save_image_grid
