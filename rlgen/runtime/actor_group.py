@@ -3,7 +3,9 @@
 The driver talks to a group, never to single actors: ``call`` runs a method on every actor with
 the same arguments, ``call_sharded`` gives actor i the i-th argument. Each actor gets one bundle of
 the placement group, so a group's resources are reserved together (PACK: on as few nodes as
-possible, so data-parallel ranks talk over the fastest links) and released together.
+possible, so data-parallel ranks talk over the fastest links) and released together. Custom Ray
+resources (``resources={"learner_node": 1}``) go into every bundle: a node started with
+``ray start --resources='{"learner_node": 4}'`` is then the only place the group can go.
 """
 from __future__ import annotations
 
@@ -38,10 +40,12 @@ class RayActorGroup:
     """
 
     def __init__(self, actor_cls: type, num_actors: int, make_args: Callable[[int, str, int], tuple[tuple, dict]],
-                 num_cpus: float = 1.0, num_gpus: float = 0.0, strategy: str = "PACK", name: str = ""):
+                 num_cpus: float = 1.0, num_gpus: float = 0.0, strategy: str = "PACK", name: str = "",
+                 resources: dict[str, float] | None = None):
         if num_actors < 1:
             raise ValueError(f"num_actors must be >= 1, got {num_actors}")
-        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        resources = dict(resources or {})
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **resources}
         check_feasible([bundle] * num_actors, f"{num_actors} {actor_cls.__name__} actor(s)")  # not a 120 s wait
         self.pg = placement_group([dict(bundle) for _ in range(num_actors)], strategy=strategy, name=name)
         try:
@@ -51,7 +55,7 @@ class RayActorGroup:
             raise RuntimeError(f"cannot reserve {num_actors} × {bundle} ({strategy}) for {actor_cls.__name__}: "
                                f"the cluster has {ray.available_resources()} available") from None
         addr, port = self._rendezvous()
-        remote_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(actor_cls)
+        remote_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None)(actor_cls)
         self.actors = []
         for rank in range(num_actors):
             args, kwargs = make_args(rank, addr, port)

@@ -230,11 +230,13 @@ class LearnerGroup:
 
     ``batch_size``: global samples per iteration (prompts × group size); ``num_sde_steps``: SDE
     steps per trajectory (the rollout's sde_window when 0 < window < num_steps, else num_steps).
-    ``num_cpus``/``num_gpus``: one learner's Ray resources (one placement-group bundle each).
+    ``num_cpus``/``num_gpus``/``resources`` (custom Ray resources, e.g. a node label): one learner's
+    Ray resources (one placement-group bundle each).
     """
 
     def __init__(self, policy_path: str, learner_cfg: LearnerConfig, algo_cfg: FlowGRPOConfig, *, batch_size: int,
-                 num_sde_steps: int, num_cpus: float = 1.0, num_gpus: float = 0.0, num_threads: int = 0):
+                 num_sde_steps: int, num_cpus: float = 1.0, num_gpus: float = 0.0, num_threads: int = 0,
+                 resources: dict[str, float] | None = None):
         cfg = learner_cfg
         grad_accum_steps(cfg, batch_size, num_sde_steps)  # fail here, not inside K actors
         n, threads = cfg.num_learners, num_threads or max(1, int(num_cpus))
@@ -243,7 +245,7 @@ class LearnerGroup:
             return (rank, n, addr, port, str(policy_path), cfg, algo_cfg, batch_size, num_sde_steps, threads), {}
 
         self.group = RayActorGroup(FlowLearner, n, make_args, num_cpus=num_cpus, num_gpus=num_gpus,
-                                   strategy=cfg.placement_strategy)
+                                   strategy=cfg.placement_strategy, resources=resources)
         self.version = self.group.call("get_version")[0]  # waits for every rank's init (and its errors)
 
     def train(self, batch: ImageRollout) -> dict:
