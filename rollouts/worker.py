@@ -1,6 +1,7 @@
 """RolloutWorker: a Ray actor holding a policy copy; samples SDE rollouts and evaluation images.
 
-Thin on purpose: sampling lives in ``rollouts/image.py``, weight loading in the learner module.
+Thin on purpose: sampling lives in ``rollouts/image.py``, weight loading in the learner module and
+``rlgen.runtime.weight_sync`` (numpy through the object store, or a broadcast group).
 """
 from __future__ import annotations
 
@@ -58,6 +59,41 @@ class RolloutWorker:
         return self.version
 
     def get_version(self) -> int:
+        return self.version
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    # -- collective weight sync (rlgen.runtime.weight_sync.CollectiveSync) ----------------------
+    def join_weight_group(self, addr: str, port: int, rank: int, world_size: int, backend: str) -> None:
+        from rlgen.runtime.weight_sync import new_group
+
+        self._sync_group = new_group(addr, port, rank, world_size, backend)
+
+    def leave_weight_group(self) -> None:
+        self._sync_group = None
+
+    def check_weight_specs(self, specs: list[tuple[str, list[int]]]) -> None:
+        """Every (name, shape) the learner sends must name a parameter of that shape here."""
+        self._params_for(specs)
+
+    def _params_for(self, specs: list[tuple[str, list[int]]]) -> dict:
+        params = dict(self.policy.named_parameters())
+        bad = [f"{n}: {shape} vs {list(params[n].shape) if n in params else 'missing'}" for n, shape in specs
+               if n not in params or list(params[n].shape) != list(shape)]
+        if bad:
+            raise ValueError(f"rollout worker {self.index} cannot receive the learner's weights: {'; '.join(bad[:5])}")
+        return params
+
+    def receive_weights(self, version: int, specs: list[tuple[str, list[int]]]) -> int:
+        """Receive learner rank 0's broadcast into the parameters named in ``specs`` (in order)."""
+        from rlgen.runtime.weight_sync import broadcast_buckets
+
+        params = self._params_for(specs)
+        broadcast_buckets(self._sync_group, [params[n] for n, _ in specs], next(self.policy.parameters()).device)
+        self.version = int(version)
         return self.version
 
     def param_checksum(self) -> float:

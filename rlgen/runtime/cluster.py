@@ -60,6 +60,9 @@ def check_feasible(bundles: list[dict[str, float]], what: str) -> None:
         per = max((b.get(key, 0) for b in bundles), default=0)
         biggest = max((n.get(key, 0) for n in nodes), default=0)
         if need > total.get(key, 0) + 1e-9 or per > biggest + 1e-9:
+            fix = (f"set ray.num_{key.lower()}s / attach a bigger cluster with ray.address" if key in ("CPU", "GPU")
+                   else f"start a node with `ray start --resources='{{\"{key}\": N}}'` (custom resources in "
+                        f"resources.*_resources pin a role to such nodes)")
             raise RuntimeError(f"{what}: asks for {need:g} {key} in all ({len(bundles)} × {per:g}), but the Ray "
                                f"cluster has {total.get(key, 0):g} {key} (largest node {biggest:g}); lower the "
-                               f"request or set ray.num_{key.lower()}s / attach a bigger cluster with ray.address")
+                               f"request or {fix}")

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from rlgen.algos.flow_grpo import FlowGRPOConfig
 from rlgen.config import RunConfig, register_config
@@ -37,6 +37,12 @@ class ResourcesConfig:
     # learning one after the other, so on a small machine both roles may use every core.
     rollout_threads: int = 0
     learner_threads: int = 0
+    # Custom Ray resources each actor of a role asks for, e.g. {rlgen_rollout_node: 0.01}: only
+    # nodes started with `ray start --resources='{"rlgen_rollout_node": 1}'` can host that role,
+    # which is how roles are spread over (or kept on) chosen nodes (docs/scaling.md).
+    rollout_resources: dict[str, float] = field(default_factory=dict)
+    reward_resources: dict[str, float] = field(default_factory=dict)
+    learner_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -46,6 +52,14 @@ class TrainLoopConfig:
     keep_checkpoints: int = 3       # newest numbered checkpoints kept (checkpoints/0 always kept)
     max_minutes: float = 0.0        # 0 = no wall budget; else stop (and save) after this many minutes
     grid_every: int = 10            # sample grid of the training rollouts every N iterations
+    # One-step off-policy pipeline: iteration k+1's rollouts are sampled (with the weights from
+    # before update k) while the learners train on iteration k; the PPO ratio is taken against the
+    # behaviour log-probs stored in the rollout, so the loss stays correct (docs/scaling.md).
+    async_rollouts: bool = False
+    # How weights reach the rollout workers: numpy through the object store (one copy, zero-copy
+    # reads), or a broadcast in a torch.distributed group of learner rank 0 and the rollout
+    # workers (NCCL on CUDA, gloo on CPU).
+    weight_sync: Literal["object_store", "collective"] = "object_store"
 
 
 @register_config("flow_grpo")

@@ -38,7 +38,9 @@ class Trainer:
         self.cfg = cfg
         self.run_dir: Path = cfg.run.dir
         self.started_ray = False
-        self.weights_version, self._weights_ref = 0, None  # what the rollout workers should hold
+        self.weights_version = 0  # what the rollout workers hold once the weights last sent have landed
+        self._sync_refs: list = []  # async pipeline: weight loads still queued behind in-flight rollouts
+        self._inflight: dict | None = None  # async pipeline: the next iteration's rollouts, already launched
         self.fault_count = self.faults_this_iter = 0
 
     # ------------------------------------------------------------------------------------------
@@ -71,6 +73,7 @@ class Trainer:
         from rewards.worker import make_reward_worker
         from rlgen.runtime.cluster import check_feasible, init_ray
         from rlgen.runtime.learner import LearnerGroup
+        from rlgen.runtime.weight_sync import make_weight_sync
         from rollouts.worker import RolloutWorker
 
         c, r = self.cfg, self.cfg.resources
@@ -78,65 +81,85 @@ class Trainer:
             c.learner.num_learners * r.learner_cpus
         self.started_ray = init_ray(c.ray, need)
         # Ray queues an impossible request forever; refuse it with the numbers instead.
-        check_feasible([{"CPU": r.rollout_cpus, "GPU": r.rollout_gpus}] * r.rollout_workers
-                       + [{"CPU": r.reward_cpus}] * r.reward_workers
-                       + [{"CPU": r.learner_cpus, "GPU": r.learner_gpus}] * c.learner.num_learners,
-                       "rollout, reward and learner actors")
+        check_feasible([{"CPU": r.rollout_cpus, "GPU": r.rollout_gpus, **r.rollout_resources}] * r.rollout_workers
+                       + [{"CPU": r.reward_cpus, **r.reward_resources}] * r.reward_workers
+                       + [{"CPU": r.learner_cpus, "GPU": r.learner_gpus, **r.learner_resources}]
+                       * c.learner.num_learners, "rollout, reward and learner actors")
         threads = r.rollout_threads or max(1, int(r.rollout_cpus))
-        actor = ray.remote(num_cpus=r.rollout_cpus, num_gpus=r.rollout_gpus, max_restarts=2)(RolloutWorker)
+        actor = ray.remote(num_cpus=r.rollout_cpus, num_gpus=r.rollout_gpus, max_restarts=2,
+                           resources=dict(r.rollout_resources) or None)(RolloutWorker)
         lora = dict(lora_rank=c.learner.lora_rank, lora_alpha=c.learner.lora_alpha,
                     lora_targets=list(c.learner.lora_targets))
         self.rollout_workers = [actor.remote(str(policy_path), c.rollout, threads, c.run.device, i, **lora)
                                 for i in range(r.rollout_workers)]
-        self.reward_workers = [make_reward_worker(c.rewards_config(), num_cpus=r.reward_cpus, max_restarts=2)
+        self.reward_workers = [make_reward_worker(c.rewards_config(), num_cpus=r.reward_cpus, max_restarts=2,
+                                                  resources=dict(r.reward_resources) or None)
                                for _ in range(r.reward_workers)]
         ro = c.rollout
         sde_steps = ro.sde_window if 0 < ro.sde_window < ro.num_steps else ro.num_steps
         self.learners = LearnerGroup(str(policy_path), c.learner, c.algo,
                                      batch_size=c.prompts.per_iteration * c.prompts.group_size,
                                      num_sde_steps=sde_steps, num_cpus=r.learner_cpus, num_gpus=r.learner_gpus,
-                                     num_threads=r.learner_threads)
+                                     num_threads=r.learner_threads, resources=dict(r.learner_resources))
         ray.get([w.get_version.remote() for w in self.rollout_workers])  # fail fast if a worker cannot start
+        self.sync = make_weight_sync(c.train.weight_sync, self.learners, self.rollout_workers)
+        self.placement = self._placement()
+
+    def _placement(self) -> dict:
+        """Node id of every actor, by role (written to the run folder as placement.json)."""
+        node = lambda actor: actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())  # noqa: E731
+        return {"driver": ray.get_runtime_context().get_node_id(),
+                "rollout": ray.get([w.node_id.remote() for w in self.rollout_workers]),
+                "reward": ray.get([node(w) for w in self.reward_workers]),
+                "learner": ray.get([node(a) for a in self.learners.group.actors])}
 
     # ------------------------------------------------------------------------------------------
     # one iteration
     # ------------------------------------------------------------------------------------------
-    def _rollouts(self, it: int):
-        """Shard prompt groups across workers; score each shard as soon as it arrives.
+    def _launch_rollouts(self, it: int) -> dict:
+        """Shard iteration ``it``'s prompt groups across workers (round-robin) and start sampling.
 
-        A shard whose worker died (Ray restarts it: ``max_restarts``) or came back with stale
-        weights is re-issued with the same seed after the worker is given the current weights, so
-        the batch is exactly what an undisturbed worker would have produced. The same holds for a
-        reward worker that dies while scoring.
+        Each shard remembers the weights version its worker will hold when it runs: the last one
+        sent, since a worker runs calls in submission order and the load was submitted first.
         """
-        from rlgen.runtime.batches import ImageRollout
-
         c = self.cfg
         prompts = self.prompt_source.sample(it)
-        g = c.prompts.group_size
-        n_w = len(self.rollout_workers)
-        shards = [list(range(i, len(prompts), n_w)) for i in range(n_w)]
-        pending, jobs = {}, {}
-        t0 = time.time()
-        for w_idx, idxs in enumerate(shards):
+        g, n_w = c.prompts.group_size, len(self.rollout_workers)
+        jobs, pending = {}, {}
+        for w_idx in range(n_w):
+            idxs = list(range(w_idx, len(prompts), n_w))
             if not idxs:
                 continue
             ps = [prompts[i] for i in idxs for _ in range(g)]
             gids = torch.tensor([i for i in idxs for _ in range(g)])
-            jobs[w_idx] = (ps, gids, derive_seed(c.run.seed, it, w_idx))
-            pending[self.rollout_workers[w_idx].generate.remote(*jobs[w_idx])] = w_idx
-        results, scores, t_roll = {}, {}, 0.0
+            jobs[w_idx] = [(ps, gids, derive_seed(c.run.seed, it, w_idx)), self.weights_version]
+            pending[self.rollout_workers[w_idx].generate.remote(*jobs[w_idx][0])] = w_idx
+        return {"it": it, "jobs": jobs, "pending": pending}
+
+    def _collect(self, launch: dict):
+        """Gather a launched iteration's shards; score each one as soon as it arrives.
+
+        A shard whose worker died (Ray restarts it: ``max_restarts``) or came back with weights
+        other than the ones it was meant to use is re-issued with the same seed after the worker is
+        given those weights, so the batch is exactly what an undisturbed worker would have
+        produced. The same holds for a reward worker that dies while scoring.
+        """
+        from rlgen.runtime.batches import ImageRollout
+
+        jobs, pending = launch["jobs"], launch["pending"]
+        results, scores, t_roll, t0 = {}, {}, 0.0, time.time()
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             w_idx = pending.pop(done[0])
+            args, want = jobs[w_idx]
             try:
                 ro = ray.get(done[0])
-                if ro.weights_version != self.weights_version:
+                if ro.weights_version != want:
                     raise _StaleWeights(f"rollout worker {w_idx} sampled with weights v{ro.weights_version}, "
-                                        f"the learner is at v{self.weights_version}")
+                                        f"its shard was meant for v{want}")
             except (ray.exceptions.RayActorError, _StaleWeights) as e:
-                self._recover_rollout_worker(w_idx, e)
-                pending[self.rollout_workers[w_idx].generate.remote(*jobs[w_idx])] = w_idx
+                jobs[w_idx][1] = self._recover_rollout_worker(w_idx, e, want)
+                pending[self.rollout_workers[w_idx].generate.remote(*args)] = w_idx
                 continue
             t_roll = time.time() - t0
             results[w_idx] = ro
@@ -148,7 +171,7 @@ class Trainer:
         batch = ImageRollout.cat([results[w_idx] for w_idx in order])
         batch.rewards = torch.cat([m.total for m in mixed]).float()
         batch.reward_components = {k: torch.cat([m.components[k] for m in mixed]).float() for k in mixed[0].components}
-        return batch, mixed, t_roll, t_reward
+        return batch, t_roll, t_reward
 
     # ------------------------------------------------------------------------------------------
     # worker faults: Ray restarts a dead actor (max_restarts); the driver re-issues the lost call
@@ -180,7 +203,9 @@ class Trainer:
                 recover(err)
                 ref = reissue()
 
-    def _recover_rollout_worker(self, w_idx: int, err: Exception) -> None:
+    def _recover_rollout_worker(self, w_idx: int, err: Exception, version: int | None = None) -> int:
+        """Wait for a restarted worker and give it weights ``version`` (default: the newest sent);
+        returns the version it now holds."""
         self.faults_this_iter += 1
         if self.faults_this_iter > MAX_RETRIES * max(1, len(self.rollout_workers)):
             raise RuntimeError(f"rollout workers keep failing ({self.faults_this_iter} faults this iteration); "
@@ -188,8 +213,8 @@ class Trainer:
         self._note_fault(f"rollout worker {w_idx}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
         worker = self.rollout_workers[w_idx]
         self._wait_alive(worker, "get_version")
-        if self._weights_ref is not None:  # a restarted worker holds the base weights (version 0)
-            ray.get(worker.load_weights.remote(self.weights_version, self._weights_ref))
+        # a restarted worker holds the base weights (version 0)
+        return self.sync.restore(worker, self.weights_version if version is None else version)
 
     def _wait_alive(self, actor, method: str, timeout_s: float = 120.0) -> None:
         """Block until a restarting actor answers (Ray queues calls until the restart finishes)."""
@@ -207,18 +232,29 @@ class Trainer:
         self.fault_count += 1
         print(f"[rlgen] worker fault, re-issuing the lost work: {msg}", flush=True)
 
-    def _iteration(self, it: int) -> dict:
+    def _iteration(self, it: int, final: int) -> dict:
+        """One iteration. With ``train.async_rollouts`` the rollouts of ``it`` were launched during
+        iteration ``it - 1`` (sampled with the weights from before its update) and those of
+        ``it + 1`` are launched here, before the learners train on ``it``."""
         c = self.cfg
         t_start = time.time()
         faults_before, self.faults_this_iter = self.fault_count, 0
-        batch, mixed, t_roll, t_reward = self._rollouts(it)
+        launch, self._inflight = self._inflight or self._launch_rollouts(it), None
+        assert launch["it"] == it, (launch["it"], it)
+        batch, t_roll, t_reward = self._collect(launch)
+        t0 = time.time()
+        self._finish_sync()  # async: the loads queued behind these rollouts have run by now
+        t_sync = time.time() - t0
+        if c.train.async_rollouts and it < final:
+            self._inflight = self._launch_rollouts(it + 1)  # overlaps the update below
+        staleness = self.learners.version - batch.weights_version  # updates since the behaviour policy
         batch.advantages = group_advantages(batch.rewards, batch.group_ids, c.algo.adv_eps, c.algo.global_std)
         t0 = time.time()
         learn = self.learners.train(batch)
         t_learn = time.time() - t0
         t0 = time.time()
-        version = self._sync_weights()
-        t_sync = time.time() - t0
+        version = self._sync_weights(wait=not c.train.async_rollouts)
+        t_sync += time.time() - t0
         t_iter = time.time() - t_start
         r = batch.rewards[~torch.isnan(batch.rewards)]
         row = {"reward_mean": r.mean().item() if len(r) else float("nan"),
@@ -227,7 +263,8 @@ class Trainer:
                **{f"reward/{k}": v[~torch.isnan(v)].mean().item() for k, v in batch.reward_components.items()},
                **{k: v for k, v in learn.items()},
                "frac_zero_adv": (batch.advantages == 0).float().mean().item(),
-               "weights_version": version,
+               "weights_version": version, "rollout_weights_version": batch.weights_version,
+               "rollout_staleness": staleness,
                "worker_faults": self.fault_count - faults_before,
                "time_rollout": t_roll, "time_reward": t_reward, "time_learn": t_learn, "time_sync": t_sync,
                "time_iter": t_iter,
@@ -239,19 +276,35 @@ class Trainer:
                             nrow=c.prompts.group_size, captions=batch.prompts[:64], caption_every=c.prompts.group_size)
         return row
 
-    def _sync_weights(self) -> int:
-        """Learner rank 0's weights → every rollout worker (one object-store copy, read zero-copy).
+    def _sync_weights(self, wait: bool = True) -> int:
+        """The learner's trainable weights → every rollout worker (``self.sync``: object store or a
+        broadcast group). ``wait=False`` (async pipeline): the loads queue behind the next
+        iteration's rollouts, already running on the workers; ``_finish_sync`` collects them."""
+        version = self.sync.publish(self.learners)
+        self.weights_version = version
+        self._sync_refs = self.sync.send(self.rollout_workers, version)
+        if wait:
+            self._finish_sync()
+        return version
 
-        The ref is kept so that a worker restarted later can be brought to the same version."""
-        version, state = self.learners.get_weights()
-        self._weights_ref, self.weights_version = ray.put(state), version
-        refs = [w.load_weights.remote(version, self._weights_ref) for w in self.rollout_workers]
-        for w_idx, ref in enumerate(refs):
+    def _finish_sync(self) -> None:
+        refs, self._sync_refs = self._sync_refs, []
+        if not refs:
+            return
+        n = len(self.rollout_workers)
+        recovered = False
+        for w_idx, ref in enumerate(refs[-n:]):  # the workers' loads come last
             try:
                 ray.get(ref)
             except ray.exceptions.RayActorError as e:
                 self._recover_rollout_worker(w_idx, e)
-        return version
+                recovered = True
+        for ref in refs[:-n]:  # a broadcast's learner side: it fails when a receiver died
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError:
+                if not recovered:  # else the group was rebuilt and the weights re-sent
+                    raise
 
     # ------------------------------------------------------------------------------------------
     # evaluation and checkpoints
@@ -319,6 +372,7 @@ class Trainer:
         try:
             self._start_actors(base)  # refuses impossible resource requests, before the folder is written
             prepare_run_dir(c)
+            (self.run_dir / "placement.json").write_text(json.dumps(self.placement, indent=1))
             start = self._resume()
             log = MetricsLogger(self.run_dir, c.run.tensorboard, resume_step=start if start > 0 else None)
             if start == 0:
@@ -329,7 +383,7 @@ class Trainer:
                        initial=start, total=c.train.iterations)
             it = start
             for it in bar:
-                row = self._iteration(it)
+                row = self._iteration(it, c.train.iterations)
                 last = it == c.train.iterations or (c.train.max_minutes and time.time() - t0 > 60 * c.train.max_minutes)
                 if (c.eval.every and it % c.eval.every == 0) or last:
                     row.update(self._evaluate(it))
