@@ -15,7 +15,7 @@ class EvalConfig:
     benchmark: str = "shapes"       # shapes | fashion_mnist | "" (no held-out evaluation)
     every: int = 10                 # iterations between evaluations (and always at start and end)
     prompts_per_task: int = 16      # shapes: held-out prompts per task type
-    samples_per_prompt: int = 2
+    samples_per_prompt: int = 2     # fashion_mnist: samples per class (FD needs a few hundred in all)
     num_steps: int = 20
     cfg_scale: float = 1.0
     seed: int = 1234
@@ -36,7 +36,7 @@ class ImageEvaluator:
 
             self.labels = [y for y in range(len(CLASSES)) for _ in range(k)]
             self.prompts = [class_prompt(y) for y in self.labels]
-            self._clf = self._real = None
+            self._reference = None  # classifier + test-split features, built at the first score()
         else:
             raise ValueError(f"eval.benchmark must be shapes, fashion_mnist or '', got {cfg.benchmark!r}")
 
@@ -45,10 +45,8 @@ class ImageEvaluator:
             from rlgen.eval.shapes import score_images
 
             return score_images(images, self.prompts, self.tasks)
-        from rlgen.data.fashion_mnist import FashionMNIST
-        from rlgen.eval.fashion_mnist import _classifier, quality_report
+        from rlgen.eval.fashion_mnist import FashionReference
 
-        if self._clf is None:
-            self._clf, _ = _classifier(None)
-            self._real = FashionMNIST("test").tensors()
-        return quality_report(self._clf, images, torch.tensor(self.labels), *self._real)
+        if self._reference is None:  # the 10k test features are computed once per run, not per evaluation
+            self._reference = FashionReference.load()
+        return self._reference.report(images, torch.tensor(self.labels))
