@@ -18,6 +18,8 @@ JOBS = {
     "mdm_grpo": "rlgen.runtime.text_trainer:TextGRPOTrainer",
     "diffusion_dpo": "rlgen.runtime.preference:PreferenceTrainer",
     "vrpo": "rlgen.runtime.preference:PreferenceTrainer",
+    "flow_opd": "rlgen.runtime.trainer:Trainer",
+    "mdm_opd": "rlgen.runtime.opd:TextOPDTrainer",
 }
 
 

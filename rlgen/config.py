@@ -68,7 +68,8 @@ def _import_builtin_kinds() -> None:
 
     for mod in ("rlgen.pretrain.flow_matching", "rlgen.pretrain.masked_diffusion", "rlgen.pretrain.clip",
                 "rlgen.pretrain.classifier", "rlgen.pretrain.aesthetic",
-                "rlgen.runtime.job", "rlgen.runtime.text_trainer", "rlgen.runtime.preference"):
+                "rlgen.runtime.job", "rlgen.runtime.text_trainer", "rlgen.runtime.preference",
+                "rlgen.runtime.opd"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

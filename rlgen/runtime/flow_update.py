@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from rlgen.algos.flow_grpo import FlowGRPOConfig, step_loss
+from rlgen.algos.opd import image_step_loss
 from rlgen.runtime.batches import ImageRollout
 from rlgen.samplers.flow import sde_step
 
@@ -235,8 +236,12 @@ def _reference(policy: nn.Module, ref_policy: nn.Module | None, cfg: LearnerConf
 
 
 def _micro_batch_step(policy, ref_policy, mb: ImageRollout, j: int, algo: FlowGRPOConfig, cfg: LearnerConfig,
-                      engine) -> dict:
-    """Loss of train step j (σ_j → σ_{j+1}) on one micro-batch; backward + engine step."""
+                      engine, teacher: nn.Module | None = None) -> dict:
+    """Loss of train step j (σ_j → σ_{j+1}) on one micro-batch; backward + engine step.
+
+    With a ``teacher`` (on-policy distillation, ``algo`` a FlowOPDConfig) the loss is
+    ``rlgen.algos.opd.image_step_loss``: KL between the policy's and the teacher's step from x.
+    """
     dev = policy.device
     dtype = next(p for p in policy.parameters()).dtype
     x = mb.latents[:, j].to(dev)  # (b, C, H, W) fp32: the stored state before the step
@@ -248,23 +253,33 @@ def _micro_batch_step(policy, ref_policy, mb: ImageRollout, j: int, algo: FlowGR
         with torch.no_grad(), _reference(policy, ref_policy, cfg) as ref:
             v_ref = ref.velocity_fn(mb.prompts, mb.cfg_scale)(x.to(dtype).contiguous(), sigma)
             ref_mean = sde_step(x, v_ref, s, s_next, mb.noise_level, prev_sample=x_next).mean
+    teacher_mean = None
+    if teacher is not None:
+        with torch.no_grad():
+            v_t = teacher.velocity_fn(mb.prompts, algo.teacher_cfg_scale)(x.to(dtype).contiguous(), sigma)
+            teacher_mean = sde_step(x, v_t, s, s_next, mb.noise_level, prev_sample=x_next).mean
     # Prompts are re-encoded per step: each backward frees the graph, the text encoder included.
     v = engine(mb.prompts, x.to(dtype).contiguous(), sigma, mb.cfg_scale)  # (b, C, H, W)
     out = sde_step(x, v, s, s_next, mb.noise_level, prev_sample=x_next)
-    loss, metrics = step_loss(out.log_prob, mb.log_probs[:, j].to(dev), mb.advantages.to(dev).float(), out.mean,
-                              ref_mean, out.std, x[0].numel(), algo)
+    old_lp, adv = mb.log_probs[:, j].to(dev), mb.advantages.to(dev).float()
+    if teacher is None:
+        loss, metrics = step_loss(out.log_prob, old_lp, adv, out.mean, ref_mean, out.std, x[0].numel(), algo)
+    else:
+        loss, metrics = image_step_loss(out.log_prob, old_lp, adv, out.mean, teacher_mean, ref_mean, out.std,
+                                        x[0].numel(), algo)
     engine.backward(loss)
     engine.step()
     return metrics
 
 
 def flow_grpo_update(policy: nn.Module, ref_policy: nn.Module | None, batch: ImageRollout, algo: FlowGRPOConfig,
-                     cfg: LearnerConfig, engine, generator: torch.Generator) -> dict:
+                     cfg: LearnerConfig, engine, generator: torch.Generator, teacher: nn.Module | None = None) -> dict:
     """Train ``policy`` on this rank's share of a rollout: ``num_inner_epochs × num_minibatches`` updates.
 
     ``generator`` first draws the iteration's train steps (seed it the same on every rank, so all
     ranks train the same steps), then one shuffle per inner epoch. The reference is ``ref_policy``,
     or the adapter-disabled base when ``cfg.lora_rank > 0``; it is only run when ``algo.kl_beta > 0``.
+    ``teacher`` (frozen) turns the loss into on-policy distillation toward it (rlgen.algos.opd).
     Returns metrics averaged over all (micro-batch, step) losses, and grad_norm over the updates.
     """
     _check_batch(batch, cfg)
@@ -286,7 +301,7 @@ def flow_grpo_update(policy: nn.Module, ref_policy: nn.Module | None, batch: Ima
             start = m * cfg.micro_batch_size
             mb = batch.select(order[start:start + cfg.micro_batch_size])
             for j in steps:
-                for k, v in _micro_batch_step(policy, ref_policy, mb, j, algo, cfg, engine).items():
+                for k, v in _micro_batch_step(policy, ref_policy, mb, j, algo, cfg, engine, teacher).items():
                     sums[k] += v
                 n_losses += 1
             if (m + 1) % (n_micro // cfg.num_minibatches) == 0:  # the engine just stepped the optimizer

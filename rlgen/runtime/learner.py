@@ -174,8 +174,20 @@ class FlowLearner:
         elif algo_cfg.kl_beta > 0:  # copied before DeepSpeed partitions (ZeRO-3) the policy
             self.ref_policy = copy.deepcopy(policy).requires_grad_(False).eval()
         self.policy = policy
+        self.teacher = self._load_teacher(algo_cfg)
         self.engine = self.strategy.prepare(PolicyVelocity(policy))
         self.version = 0
+
+    def _load_teacher(self, algo_cfg) -> nn.Module | None:
+        """The frozen teacher of on-policy distillation (``algo.teacher``), or None for Flow-GRPO."""
+        teacher = getattr(algo_cfg, "teacher", "")
+        if not teacher:
+            return None
+        from rlgen.models.flow import FlowPolicy
+        from rlgen.runtime.rundir import resolve_checkpoint
+
+        model = FlowPolicy.from_pretrained(str(resolve_checkpoint(teacher)), device=self.strategy.device)
+        return model.to(self.strategy.dtype).requires_grad_(False).eval()
 
     def get_version(self) -> int:
         return self.version
@@ -188,7 +200,8 @@ class FlowLearner:
                              f"(batch_size {self.batch_size} / {self.world_size} ranks)")
         # Seeded by (seed, version) alone: every rank draws the same train steps.
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.version)
-        metrics = flow_grpo_update(self.policy, self.ref_policy, batch, self.algo, self.cfg, self.engine, gen)
+        metrics = flow_grpo_update(self.policy, self.ref_policy, batch, self.algo, self.cfg, self.engine, gen,
+                                   self.teacher)
         self.version += 1
         return metrics
 

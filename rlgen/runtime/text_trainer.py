@@ -114,7 +114,7 @@ class TextGRPOTrainer:
         self.levels = list(cfg.problems.levels or self.task.levels)
         self.run_dir = prepare_run_dir(cfg)
         base = load_policy(cfg.policy, self.device)
-        self.ref = copy.deepcopy(base).eval().requires_grad_(False) if cfg.algo.kl_beta > 0 else None
+        self.ref = copy.deepcopy(base).eval().requires_grad_(False) if getattr(cfg.algo, 'kl_beta', 0) > 0 else None
         resume = self._resume_source()
         self.policy = base if resume is None else load_policy(TextPolicyConfig(str(resume), ""), self.device)
         self.policy.eval()  # no dropout: old/new log-probs of one plan must agree before the update

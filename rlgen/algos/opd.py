@@ -1,0 +1,174 @@
+"""On-policy distillation (OPD): the student samples, the teacher grades every state it visits.
+
+Agarwal et al. 2024 (GKD, arXiv:2306.13649) and Thinking Machines' "On-Policy Distillation" (2025):
+train on the student's own trajectories (no exposure bias, unlike SFT on teacher samples) with a
+dense per-step signal, the reverse KL KL(student ‖ teacher) at each visited state (mode-seeking,
+unlike a reward's single number per sample). Pure torch; the learner picks states and models.
+
+Images (flow models, sampled with Flow-GRPO's SDE, ``rlgen.samplers.flow.sde_step``): student and
+teacher steps from the same state x_σ on the same σ grid are Gaussians with the same std, so
+
+    KL(N(μ_s, s²I) ‖ N(μ_t, s²I)) = ‖μ_s − μ_t‖² / (2s²) = w(σ, σ') · ‖v_s − v_t‖²,
+    w = c²·(σ − σ') / (2·std_σ²),  c = 1 + std_σ²·(1 − σ)/(2σ)     (:func:`velocity_kl_weight`)
+
+(the means differ only through the velocity term ``v·c·dt``): a weighted velocity MSE on the
+student's states. The teacher may be another checkpoint, or the same one run with stronger
+classifier-free guidance (guidance distillation). Optionally mixed with Flow-GRPO's reward term.
+
+Text (masked-diffusion LMs): at every state the student's decoding visited (its trajectory:
+prompt + tokens unmasked before step s, the rest [MASK]), the exact per-position reverse KL
+Σ_v p_s(v)·(log p_s(v) − log p_t(v)) over the vocabulary, for each still-masked answer position
+(:func:`token_reverse_kl`). When the teacher only gives log-probs of the student's sampled tokens
+(an autoregressive teacher served by vLLM), the sampled-token estimator: per-token advantage
+``log p_t(y) − log p_s(y)``, policy-gradient loss (:func:`sampled_token_kl_loss`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlgen.algos.flow_grpo import FlowGRPOConfig, kl_to_ref, reduce_over_dims, step_loss
+from rlgen.registry import register_algorithm
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class FlowOPDConfig(FlowGRPOConfig):
+    """Flow-GRPO's fields (used by the optional reward term and the sampler) plus the teacher."""
+
+    teacher: str = "rlgen/assets/flow_shapes_base"  # checkpoint or run folder of the teacher
+    teacher_cfg_scale: float = 4.0   # CFG of the teacher's velocity (the student samples at rollout.cfg_scale)
+    distill_weight: float = 1.0      # weight of KL(student step ‖ teacher step)
+    reward_weight: float = 0.0       # weight of Flow-GRPO's clipped reward term (0 = pure distillation)
+    kl_beta: float = 0.0             # KL to the reference: off by default (the teacher anchors the student)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.distill_weight < 0 or self.reward_weight < 0:
+            raise ValueError(f"distill_weight ({self.distill_weight}) and reward_weight ({self.reward_weight}) "
+                             f"must be >= 0")
+        if self.distill_weight == 0 and self.reward_weight == 0:
+            raise ValueError("distill_weight and reward_weight are both 0: nothing to train")
+        if not self.teacher:
+            raise ValueError("algo.teacher is empty: name the teacher checkpoint")
+
+
+def velocity_kl_weight(sigma: float, sigma_next: float, noise_level: float) -> float:
+    """w with KL(student step ‖ teacher step) = w·‖v_s − v_t‖² for ``sde_step``'s SDE (docstring).
+
+    std_σ² = a²·σ/(1 − σ_den) with σ_den = σ, or sigma_next on the σ = 1 step, as ``sde_step``.
+    """
+    s_den = sigma_next if sigma >= 1.0 else sigma
+    std2 = noise_level ** 2 * sigma / (1.0 - s_den)  # std_σ²
+    c = 1.0 + std2 * (1.0 - sigma) / (2.0 * sigma)
+    return c * c * (sigma - sigma_next) / (2.0 * std2)
+
+
+@register_algorithm("flow_opd")
+def image_step_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                    mean: torch.Tensor, teacher_mean: torch.Tensor, ref_mean: torch.Tensor | None,
+                    std: torch.Tensor | float, num_dims: int, cfg: FlowOPDConfig) -> tuple[torch.Tensor, dict]:
+    """One denoising step's OPD loss for a micro-batch.
+
+    ``distill_weight·KL(student ‖ teacher)`` (closed form, reduced over dims like Flow-GRPO's KL,
+    then averaged over the batch) ``+ reward_weight·(Flow-GRPO step loss)`` when reward_weight > 0.
+    mean, teacher_mean (b, C, H, W): the two steps' means from the same state; log-probs (b,).
+    """
+    kl = reduce_over_dims(kl_to_ref(mean, teacher_mean, std), num_dims, cfg.kl_reduction)  # (b,)
+    loss = cfg.distill_weight * kl.mean()
+    metrics = {"distill_kl": kl.mean().item()}
+    if cfg.reward_weight > 0:
+        rl_loss, rl_metrics = step_loss(log_prob, old_log_prob, advantages, mean, ref_mean, std, num_dims, cfg)
+        loss = loss + cfg.reward_weight * rl_loss
+        metrics.update(rl_metrics)
+    elif cfg.kl_beta > 0:  # a pure-distillation run may still anchor to the reference
+        ref_kl = reduce_over_dims(kl_to_ref(mean, ref_mean, std), num_dims, cfg.kl_reduction).mean()
+        loss = loss + cfg.kl_beta * ref_kl
+        metrics["kl"] = ref_kl.item()
+    metrics["loss"] = loss.item()
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class MDMOPDConfig:
+    """Masked-diffusion OPD: which states, which divergence, and an optional reward term."""
+
+    teacher: str = "rlgen/assets/mdm_arith_teacher"  # masked-diffusion checkpoint, or an HF causal-LM folder
+    teacher_kind: str = "mdm"        # mdm: exact reverse KL at each visited state | vllm: AR teacher's token log-probs
+    states: str = "trajectory"       # trajectory: every decoding step's state | final: only the all-masked start
+    distill_weight: float = 1.0
+    reward_weight: float = 0.0       # weight of the GRPO term (group advantages × the trajectory log-prob)
+    inner_iterations: int = 1        # gradient steps per rollout batch
+    teacher_temperature: float = 1.0  # the teacher's logits are divided by this
+
+    def __post_init__(self):
+        if self.teacher_kind not in ("mdm", "vllm"):
+            raise ValueError(f"algo.teacher_kind must be 'mdm' or 'vllm', got {self.teacher_kind!r}")
+        if self.states not in ("trajectory", "final"):
+            raise ValueError(f"algo.states must be 'trajectory' or 'final', got {self.states!r}")
+        if self.inner_iterations < 1 or self.teacher_temperature <= 0:
+            raise ValueError("algo.inner_iterations must be >= 1 and algo.teacher_temperature > 0")
+        if self.distill_weight < 0 or self.reward_weight < 0 or self.distill_weight + self.reward_weight == 0:
+            raise ValueError("algo.distill_weight and algo.reward_weight must be >= 0, not both 0")
+
+
+def visited_states(tokens: torch.Tensor, order: torch.Tensor, prompt_length: int, mask_id: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states a decoding trajectory passed through, and which positions were still masked.
+
+    tokens (B, P+G), order (B, G) from ``generate`` (−1 = eos fill, not a model decision). Returns
+    states (n, B, P+G): state s shows the answer tokens unmasked before step s, [MASK] elsewhere;
+    masked (n, B, G) bool: positions masked in state s that the student later decided (order ≥ s).
+    """
+    n = max(int(order.max()) + 1, 1)
+    steps = torch.arange(n, device=tokens.device)[:, None, None]  # (n, 1, 1)
+    decided = order[None] >= 0  # (1, B, G)
+    known = decided & (order[None] < steps)  # (n, B, G)
+    states = tokens[None].repeat(n, 1, 1)  # (n, B, L)
+    ans = states[:, :, prompt_length:]
+    states[:, :, prompt_length:] = torch.where(known, ans, torch.full_like(ans, mask_id))
+    return states, decided & ~known
+
+
+def token_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, banned_ids=()) -> torch.Tensor:
+    """(…,) exact KL(p_s ‖ p_t) = Σ_v p_s(v)(log p_s(v) − log p_t(v)) over the last dim.
+
+    ``banned_ids`` ([MASK], [PAD]: tokens the sampler never emits) are removed from both softmaxes.
+    Gradients flow into the student only through ``student_logits``.
+    """
+    s, t = student_logits.float(), teacher_logits.float().detach()
+    if len(banned_ids):
+        # drop the banned columns (filling −inf would back-propagate 0·NaN through p_s·log p_s)
+        banned = set(int(i) for i in banned_ids)
+        keep = torch.tensor([i for i in range(s.shape[-1]) if i not in banned], device=s.device)
+        s, t = s.index_select(-1, keep), t.index_select(-1, keep)
+    log_ps, log_pt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    return (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+
+
+def masked_mean_per_row(per_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) mean of ``per_pos`` over each row's ``mask`` positions; per_pos, mask (n, B, G)."""
+    m = mask.float()
+    return (per_pos * m).sum(dim=(0, 2)) / m.sum(dim=(0, 2)).clamp_min(1.0)
+
+
+def sampled_token_kl_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, token_mask: torch.Tensor
+                          ) -> tuple[torch.Tensor, dict]:
+    """Reverse-KL policy gradient from sampled tokens only (teacher gives log p_t of the student's tokens).
+
+    student_logp (B, G) with grad (log p_s of each token at the state it was chosen in),
+    teacher_logp (B, G), token_mask (B, G). For y ~ p_s, ∇KL(p_s‖p_t) = E[(log p_s − log p_t)∇log p_s]
+    (E[∇log p_s] = 0), so the loss is ``mean((log p_s − log p_t).detach() · log p_s)`` per row's
+    tokens, then rows; the per-token advantage is ``log p_t − log p_s``.
+    """
+    m = token_mask.float()
+    gap = (student_logp.detach() - teacher_logp) * m  # (B, G) per-token KL sample
+    n = m.sum(dim=1).clamp_min(1.0)  # (B,)
+    loss = ((gap * student_logp).sum(dim=1) / n).mean()
+    return loss, {"distill_kl": float(gap.sum() / m.sum().clamp_min(1.0))}
