@@ -48,19 +48,21 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 384):
 
 
 def build_tiny_llama(path: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-                     init_std: float = 0.3, vocab_size: int = 384) -> Path:
+                     init_std: float = 0.3, vocab_size: int = 384, tokenizer=None) -> Path:
     """Save a random LlamaForCausalLM (float32) and its tokenizer into ``path``; returns the path.
 
     ``init_std`` is much larger than Llama's 0.02 on purpose: near-uniform next-token distributions
     would let an off-by-one position or a stale weight pass a 1e-4 log-prob comparison.
     Head size 32 (hidden 64, 2 heads, 1 KV head: grouped-query attention is exercised) is one of
-    the sizes vLLM's CPU attention supports.
+    the sizes vLLM's CPU attention supports. ``tokenizer``: save this one (e.g. rlgen's character
+    tokenizer, for an autoregressive teacher that shares a masked-diffusion student's ids) instead
+    of the synthetic BPE.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
-    tok = build_tokenizer(seed, vocab_size)
+    tok = build_tokenizer(seed, vocab_size) if tokenizer is None else tokenizer
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                       num_hidden_layers=num_layers, num_attention_heads=hidden_size // 32, num_key_value_heads=1,
                       max_position_embeddings=512, initializer_range=init_std, tie_word_embeddings=False,
