@@ -27,6 +27,12 @@ class TextRolloutConfig:
     threshold: float | None = None  # confidence-threshold parallel decoding
     remasking: str = "low_confidence"
     batch_size: int = 256           # rows per generate call
+    # 0 = decode in the driver process (a sub-million-parameter model decodes a batch in
+    # milliseconds, less than a weight sync costs); N = N TextRolloutWorker Ray actors, problems
+    # sharded across them, weights synced after every update (for models big enough to need it).
+    workers: int = 0
+    worker_cpus: float = 1.0        # Ray CPUs (and torch threads) per rollout worker
+    worker_gpus: float = 0.0
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch
 from rlgen.algos.advantages import group_advantages
 from rlgen.algos.mdm_grpo import MDMGRPOConfig, make_plan, mixed_groups, plan_logprobs, policy_loss
 from rlgen.config import RunConfig, load_config, register_config, save_config
+from rlgen.runtime.cluster import RayConfig
 from rlgen.runtime.rundir import (MetricsLogger, atomic_checkpoint, find_latest_checkpoint, prepare_run_dir,
                                   prune_checkpoints, read_metrics, resolve_checkpoint)
 from rollouts.text import TextRolloutConfig, text_rollout
@@ -77,6 +78,7 @@ class TextEvalConfig:
 class MDMGRPOJobConfig:
     kind: str = "mdm_grpo"
     run: RunConfig = field(default_factory=lambda: RunConfig(name="mdm_grpo", num_threads=1))
+    ray: RayConfig = field(default_factory=RayConfig)  # used only when rollout.workers > 0
     policy: TextPolicyConfig = field(default_factory=TextPolicyConfig)
     problems: TextProblemsConfig = field(default_factory=TextProblemsConfig)
     rollout: TextRolloutConfig = field(default_factory=TextRolloutConfig)
@@ -130,6 +132,7 @@ class TextGRPOTrainer:
         self.banned = (self.policy.mask_id, self.policy.pad_id)
         self.logger = MetricsLogger(self.run_dir, cfg.run.tensorboard,
                                     resume_step=self.start if resume is not None else None)
+        self.workers, self.started_ray = [], False
 
     def _resume_source(self) -> Path | None:
         r = self.cfg.run.resume
@@ -144,6 +147,60 @@ class TextGRPOTrainer:
 
         seed = random.Random(f"{self.cfg.run.seed}:{it}").randrange(2**31)
         return generate_problems(self.task.name, self.cfg.problems.per_iteration, seed, self.levels, split="train")
+
+    # ------------------------------------------------------------------------------------------
+    # rollouts: in this process, or sharded over TextRolloutWorker actors (rollout.workers > 0)
+    # ------------------------------------------------------------------------------------------
+    def _start_workers(self) -> None:
+        import ray
+
+        from rlgen.runtime.cluster import check_feasible, init_ray
+        from rollouts.text_worker import TextRolloutWorker
+
+        r = self.cfg.rollout
+        self.started_ray = init_ray(self.cfg.ray, r.workers * r.worker_cpus)
+        check_feasible([{"CPU": r.worker_cpus, "GPU": r.worker_gpus}] * r.workers, "text rollout workers")
+        actor = ray.remote(num_cpus=r.worker_cpus, num_gpus=r.worker_gpus)(TextRolloutWorker)
+        path = str(find_latest_checkpoint(self.run_dir))  # checkpoint 0 or the resumed one: the driver's policy
+        self.workers = [actor.remote(path, r, max(1, int(r.worker_cpus)), self.cfg.run.device)
+                        for _ in range(r.workers)]
+        self.version = self.start
+        self._sync_workers()
+
+    def _sync_workers(self) -> None:
+        """The driver's weights → every worker (one object-store copy, read zero-copy as numpy)."""
+        import ray
+
+        from rlgen.runtime.batches import state_dict_to_numpy
+
+        ref = ray.put(state_dict_to_numpy(dict(self.policy.named_parameters())))
+        ray.get([w.load_weights.remote(self.version, ref) for w in self.workers])
+
+    def _rollout(self, problems: list[dict], it: int, gen: torch.Generator) -> list:
+        g = self.cfg.problems.group_size
+        if not self.workers:
+            return text_rollout(self.policy, problems, self.cfg.rollout, g, self._reward, gen)
+        import ray
+
+        from rlgen.data.text_tasks import get_task
+        from rlgen.utils import derive_seed
+
+        n = len(self.workers)
+        shards = [list(range(i, len(problems), n)) for i in range(n)]
+        refs = [w.generate.remote([problems[j] for j in idx], g, derive_seed(self.cfg.run.seed, it, i))
+                for i, (w, idx) in enumerate(zip(self.workers, shards)) if idx]
+        out = []
+        for idx, (version, buckets) in zip(shards, ray.get(refs)):
+            if version != self.version:
+                raise RuntimeError(f"a text rollout worker sampled with weights v{version}, the policy is at "
+                                   f"v{self.version}")
+            for b in buckets:  # group ids index the shard: map them back to this iteration's problems
+                b.group_ids = torch.tensor([idx[k] for k in b.group_ids.tolist()])
+                probs = [problems[k] for k in b.group_ids.tolist()]
+                prompts = [get_task(p["task"]).format_prompt(p) for p in probs]
+                b.rewards = torch.as_tensor(self._reward(b.texts, prompts, probs), dtype=torch.float32)
+                out.append(b)
+        return out
 
     def _reward(self, texts, prompts, problems):
         return self.rewards(texts, prompts, problems=problems).total
@@ -218,6 +275,12 @@ class TextGRPOTrainer:
         prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
 
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:
+            self.shutdown()  # a local Ray cluster started for rollout workers stops with the job
+
+    def _fit(self) -> dict:
         from rlgen.runtime.report import write_report
 
         cfg, t = self.cfg, self.cfg.train
@@ -227,17 +290,22 @@ class TextGRPOTrainer:
             self.save(0)
             history.append(self.evaluate(0))
             self.logger.log(0, **{k: v for k, v in history[-1].items() if k != "step"})
+        if cfg.rollout.workers > 0:
+            self._start_workers()
         gen = torch.Generator(device=self.device).manual_seed(cfg.run.seed + 7 * self.start)
         t0, it = time.time(), self.start
         for it in range(self.start + 1, t.iterations + 1):
             ti = time.perf_counter()
-            batches = text_rollout(self.policy, self._problems(it), cfg.rollout, cfg.problems.group_size,
-                                   self._reward, gen)
+            batches = self._rollout(self._problems(it), it, gen)
             tr = time.perf_counter()
             m = self._learn(batches, it)
+            ts = time.perf_counter()
+            if self.workers:
+                self.version = it
+                self._sync_workers()
             rewards = torch.cat([b.rewards for b in batches])
             row = {"reward_mean": float(rewards.nanmean()), "reward_std": float(rewards[~rewards.isnan()].std()),
-                   **m, "time_rollout": tr - ti, "time_learn": time.perf_counter() - tr,
+                   **m, "time_rollout": tr - ti, "time_learn": ts - tr, "time_sync": time.perf_counter() - ts,
                    "time_iter": time.perf_counter() - ti}
             out_of_time = t.max_minutes > 0 and (time.time() - t0) / 60 >= t.max_minutes
             last = it == t.iterations or out_of_time
@@ -255,6 +323,16 @@ class TextGRPOTrainer:
         _report_levels(self.run_dir, history, report)
         return {"run_dir": str(self.run_dir), "iterations": it, "report": str(report),
                 "minutes": round((time.time() - t0) / 60, 2), "eval_history": history}
+
+
+    def shutdown(self) -> None:
+        import sys
+
+        if self.started_ray and "ray" in sys.modules:
+            import ray
+
+            ray.shutdown()
+        self.workers, self.started_ray = [], False
 
 
 def _report_levels(run_dir: Path, history: list[dict], report: Path) -> None:

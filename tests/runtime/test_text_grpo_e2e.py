@@ -51,3 +51,22 @@ def test_two_iterations_then_resume(tmp_path, base, capsys):
     assert [r["step"] for r in read_metrics(run)] == [0, 1, 2, 3]
     state = json.loads((run / "checkpoints" / "3" / "rlgen_model.json").read_text())
     assert state["model_type"] == "masked_lm"
+
+
+def test_rollouts_in_two_ray_workers_then_resume(tmp_path, base):
+    """rollout.workers=2: problems are sharded over TextRolloutWorker actors, rewards scored on the
+    driver, weights synced after every update (a stale worker would fail the version check)."""
+    import ray
+
+    extra = ("rollout.workers=2", "rollout.worker_cpus=1", "ray.num_cpus=2")
+    assert train_rl.main(_args(tmp_path, base, *extra)) == 0
+    assert not ray.is_initialized()  # the job stopped the local cluster it started
+    run = tmp_path / "t"
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    # 4 problems × 4 samples, all scored (rewards come back for every shard's rows)
+    assert rows[1]["kept_frac"] > 0 and "time_sync" in rows[1] and rows[1]["reward_mean"] == rows[1]["reward_mean"]
+    w0, w2 = (load_file(run / "checkpoints" / s / "model.safetensors") for s in ("0", "2"))
+    assert any(not torch.equal(w0[k], w2[k]) for k in w0)
+    assert train_rl.main(_args(tmp_path, base, *extra, "train.iterations=3", "run.resume=auto")) == 0
+    assert [r["step"] for r in read_metrics(run)] == [0, 1, 2, 3]
