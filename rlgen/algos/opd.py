@@ -19,8 +19,8 @@ Text (masked-diffusion LMs): at every state the student's decoding visited (its 
 prompt + tokens unmasked before step s, the rest [MASK]), the exact per-position reverse KL
 Σ_v p_s(v)·(log p_s(v) − log p_t(v)) over the vocabulary, for each still-masked answer position
 (:func:`token_reverse_kl`). When the teacher only gives log-probs of the student's sampled tokens
-(an autoregressive teacher served by vLLM), the sampled-token estimator: per-token advantage
-``log p_t(y) − log p_s(y)``, policy-gradient loss (:func:`sampled_token_kl_loss`).
+(an autoregressive teacher served by vLLM), a score-function estimator of the whole answer's
+reverse KL (:func:`sequence_kl_loss`).
 """
 from __future__ import annotations
 
@@ -158,17 +158,22 @@ def masked_mean_per_row(per_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return (per_pos * m).sum(dim=(0, 2)) / m.sum(dim=(0, 2)).clamp_min(1.0)
 
 
-def sampled_token_kl_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, token_mask: torch.Tensor
-                          ) -> tuple[torch.Tensor, dict]:
-    """Reverse-KL policy gradient from sampled tokens only (teacher gives log p_t of the student's tokens).
+def sequence_kl_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, token_mask: torch.Tensor
+                     ) -> tuple[torch.Tensor, dict]:
+    """Reverse-KL policy gradient from sampled answers only (the teacher gives log p_t of their tokens).
 
-    student_logp (B, G) with grad (log p_s of each token at the state it was chosen in),
-    teacher_logp (B, G), token_mask (B, G). For y ~ p_s, ∇KL(p_s‖p_t) = E[(log p_s − log p_t)∇log p_s]
-    (E[∇log p_s] = 0), so the loss is ``mean((log p_s − log p_t).detach() · log p_s)`` per row's
-    tokens, then rows; the per-token advantage is ``log p_t − log p_s``.
+    student_logp (B, G) with grad: log p_s of each token at the state the student chose it in, so
+    their sum is the log-probability of the sampled trajectory; teacher_logp (B, G): an
+    autoregressive teacher's log p_t(y_k | prompt, y_<k), summing to log p_t(y); token_mask (B, G).
+    For y ~ p_s, ∇KL(p_s‖p_t) = E[(log p_s(y) − log p_t(y))·∇log p_s(y)] (E[∇log p_s] = 0). The
+    two factorise in different orders (decoding order vs left to right), so the per-sequence gap,
+    not a per-position one, weights every token's score; a leave-one-out mean of the other rows'
+    gaps is subtracted (a baseline independent of the row: unbiased, lower variance).
     """
-    m = token_mask.float()
-    gap = (student_logp.detach() - teacher_logp) * m  # (B, G) per-token KL sample
-    n = m.sum(dim=1).clamp_min(1.0)  # (B,)
-    loss = ((gap * student_logp).sum(dim=1) / n).mean()
-    return loss, {"distill_kl": float(gap.sum() / m.sum().clamp_min(1.0))}
+    m = token_mask.to(student_logp.dtype)
+    s_seq = (student_logp * m).sum(dim=1)  # (B,) log p_s(y)
+    gap = s_seq.detach() - (teacher_logp * m).sum(dim=1)  # (B,) one-sample KL estimate per answer
+    B = gap.shape[0]
+    baseline = (gap.sum() - gap) / (B - 1) if B > 1 else torch.zeros_like(gap)
+    loss = ((gap - baseline) * s_seq).mean()
+    return loss, {"distill_kl": float(gap.mean())}

@@ -22,7 +22,7 @@ import torch
 
 from rlgen.algos.advantages import group_advantages
 from rlgen.algos.mdm_grpo import plan_logprobs, trajectory_plan
-from rlgen.algos.opd import (FlowOPDConfig, MDMOPDConfig, masked_mean_per_row, sampled_token_kl_loss,
+from rlgen.algos.opd import (FlowOPDConfig, MDMOPDConfig, masked_mean_per_row, sequence_kl_loss,
                              token_reverse_kl, visited_states)
 from rlgen.config import RunConfig, register_config
 from rlgen.runtime.job import FlowGRPOJobConfig, TrainLoopConfig
@@ -133,7 +133,7 @@ class TextOPDTrainer(TextGRPOTrainer):
         if "plan" in t:
             lp = plan_logprobs(self.policy, t["plan"], t["tokens"], self.banned)  # (B, G) at each decision state
         if a.teacher_kind == "vllm":
-            dl, dm = sampled_token_kl_loss(lp, t["teacher_lp"], t["plan"].token_mask)
+            dl, dm = sequence_kl_loss(lp, t["teacher_lp"], t["plan"].token_mask)
             loss, m = loss + a.distill_weight * dl, {**m, **dm}
         if a.reward_weight > 0:  # REINFORCE with group advantages on the exact trajectory log-prob
             mask = t["plan"].token_mask.float()

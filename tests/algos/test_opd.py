@@ -7,7 +7,7 @@ import torch
 from torch.distributions import Categorical, Normal, kl_divergence
 
 from rlgen.algos.opd import (FlowOPDConfig, MDMOPDConfig, image_step_loss, masked_mean_per_row,
-                             sampled_token_kl_loss, token_reverse_kl, velocity_kl_weight, visited_states)
+                             sequence_kl_loss, token_reverse_kl, velocity_kl_weight, visited_states)
 from rlgen.samplers.flow import sde_step
 
 
@@ -119,17 +119,30 @@ def test_visited_states_of_a_hand_made_trajectory():
     assert masked[:, 1].tolist() == [[True, True, False], [False, True, False], [False, False, False]]
 
 
-def test_sampled_token_gradient_is_unbiased_for_the_reverse_kl_gradient():
-    """E_y~p_s[∇ loss] = ∇ KL(p_s ‖ p_t), the exact gradient, on a 5-token vocabulary."""
+def test_sequence_kl_gradient_is_unbiased_for_the_exact_joint_kl_gradient():
+    """Student: two positions decoded independently (trajectory log-prob = sum of the two); teacher:
+    autoregressive p_t(y1)·p_t(y2 | y1). E[∇ loss] over sampled answers = ∇ KL(p_s ‖ p_t) exactly."""
     torch.manual_seed(0)
-    theta = torch.randn(5, requires_grad=True)
-    teacher = torch.log_softmax(torch.randn(5), -1)
-    exact = torch.autograd.grad(kl_divergence(Categorical(logits=theta), Categorical(logits=teacher)), theta)[0]
+    V = 4
+    theta = torch.randn(2, V, requires_grad=True)  # (G=2, V) student logits per position
+    t1 = torch.log_softmax(torch.randn(V), -1)  # (V,) teacher's first token
+    t2 = torch.log_softmax(torch.randn(V, V), -1)  # (V, V) teacher's second token given the first
+    ls = torch.log_softmax(theta, -1)
+    joint_s = ls[0][:, None] + ls[1][None, :]  # (V, V) log p_s(y1, y2)
+    joint_t = t1[:, None] + t2  # (V, V) log p_t(y1, y2)
+    exact_kl = (joint_s.exp() * (joint_s - joint_t)).sum()
+    exact = torch.autograd.grad(exact_kl, theta)[0]
     n = 200_000
-    y = Categorical(logits=theta.detach()).sample((n,))  # (n,)
-    logp = torch.log_softmax(theta, -1)[y][:, None]  # (n, 1): one token per "row"
-    loss, m = sampled_token_kl_loss(logp, teacher[y][:, None], torch.ones(n, 1, dtype=torch.bool))
+    y = torch.stack([Categorical(logits=theta[k].detach()).sample((n,)) for k in range(2)], dim=1)  # (n, 2)
+    ls = torch.log_softmax(theta, -1)  # a fresh graph (the exact gradient consumed the first)
+    student_lp = torch.stack([ls[0][y[:, 0]], ls[1][y[:, 1]]], dim=1)  # (n, 2) with grad
+    teacher_lp = torch.stack([t1[y[:, 0]], t2[y[:, 0], y[:, 1]]], dim=1)  # (n, 2)
+    loss, m = sequence_kl_loss(student_lp, teacher_lp, torch.ones(n, 2, dtype=torch.bool))
     est = torch.autograd.grad(loss, theta)[0]
-    torch.testing.assert_close(est, exact, atol=0.02, rtol=0.0)
-    exact_kl = kl_divergence(Categorical(logits=theta.detach()), Categorical(logits=teacher)).item()
-    assert m["distill_kl"] == pytest.approx(exact_kl, abs=0.02)
+    torch.testing.assert_close(est, exact, atol=0.03, rtol=0.0)
+    assert m["distill_kl"] == pytest.approx(exact_kl.item(), abs=0.03)
+    # a masked-out position contributes nothing
+    lp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
+    loss, _ = sequence_kl_loss(lp, torch.tensor([[-1.5, 5.0], [-0.7, 9.0]]), torch.tensor([[True, False]] * 2))
+    (g,) = torch.autograd.grad(loss, lp)
+    assert g[:, 1].abs().max() == 0 and g[:, 0].abs().max() > 0
