@@ -20,7 +20,7 @@ Everything here is a pure function of tensors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +35,17 @@ class DiffusionDPOConfig:
     sigma_mean: float = 0.0              # logit-normal location
     sigma_std: float = 1.0               # logit-normal scale
     noise_draws: int = 1                 # (ε, σ) draws per pair per step, averaged in the loss
+    # σ drawn from the density is mapped linearly onto [lo, hi]: [0.6, 1.0] trains only the high-noise
+    # part where count, layout and position are decided (the lesson of Flow-GRPO's SDE window)
+    sigma_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
 
     def __post_init__(self):
         if self.beta <= 0:
             raise ValueError(f"algo.beta must be > 0, got {self.beta}")
+        r = [float(v) for v in self.sigma_range]
+        if len(r) != 2 or not 0.0 <= r[0] < r[1] <= 1.0:
+            raise ValueError(f"algo.sigma_range must be [lo, hi] with 0 <= lo < hi <= 1, got {self.sigma_range}")
+        self.sigma_range = r
         if self.noise_draws < 1:
             raise ValueError(f"algo.noise_draws must be >= 1, got {self.noise_draws}")
 
@@ -78,12 +85,15 @@ def draw_noise(x: torch.Tensor, cfg: DiffusionDPOConfig, generator: torch.Genera
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One (ε, σ) per pair, shared by winner and loser: ε like x (B, C, H, W), σ (B,) on x's device.
 
-    Drawn on CPU (where the generator lives) so a seed gives the same draws on any device.
+    σ comes from ``cfg.sigma_density`` mapped onto ``cfg.sigma_range``. Drawn on CPU (where the
+    generator lives) so a seed gives the same draws on any device.
     """
     from rlgen.pretrain.flow_matching import sample_sigmas
 
     noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
     sigma = sample_sigmas(x.shape[0], cfg.sigma_density, cfg.sigma_mean, cfg.sigma_std, generator)
+    lo, hi = cfg.sigma_range
+    sigma = lo + (hi - lo) * sigma  # (B,) in [lo, hi]
     return noise, sigma.to(x.device)
 
 

@@ -82,3 +82,22 @@ def test_registered():
 def test_config_checks():
     with pytest.raises(ValueError, match="beta"):
         DiffusionDPOConfig(beta=0)
+
+
+def test_sigma_range_maps_the_density_onto_lo_hi():
+    x = torch.zeros(4000, 1, 1, 1)
+    full = DiffusionDPOConfig(sigma_density="uniform")
+    high = DiffusionDPOConfig(sigma_density="uniform", sigma_range=[0.6, 1.0])
+    _, s_full = draw_noise(x, full, torch.Generator().manual_seed(3))
+    _, s_high = draw_noise(x, high, torch.Generator().manual_seed(3))
+    # same draws, mapped linearly: σ' = 0.6 + 0.4·σ, so uniform on [0.6, 1] (mean 0.8, var 0.4²/12)
+    assert torch.allclose(s_high, 0.6 + 0.4 * s_full)
+    assert s_high.min() >= 0.6 and s_high.max() <= 1.0
+    assert s_high.mean().item() == pytest.approx(0.8, abs=0.01)
+    assert s_high.var().item() == pytest.approx(0.16 / 12, rel=0.1)
+
+
+@pytest.mark.parametrize("bad", [[0.6], [0.7, 0.6], [-0.1, 0.5], [0.5, 1.2], [0.3, 0.3]])
+def test_sigma_range_checks(bad):
+    with pytest.raises(ValueError, match="sigma_range"):
+        DiffusionDPOConfig(sigma_range=bad)
