@@ -4,6 +4,9 @@
     python benchmarks/bench_rl_iteration.py --config configs/quickstart.yaml --iterations 6
     # time-to-target training reward: the config's recipe vs training every step of 20-step rollouts
     python benchmarks/bench_rl_iteration.py --config configs/quickstart.yaml --compare --iterations 30
+    # synchronous (2 threads per role, roles alternate) vs the one-step off-policy pipeline
+    # (train.async_rollouts, 1 thread per role, roles overlap): time to the sync run's final reward
+    python benchmarks/bench_rl_iteration.py --config configs/quickstart.yaml --async-compare --iterations 30
 
 Each run is a real train_rl.py job (local Ray, same seed); numbers come from its metrics.jsonl.
 Ratios only: timings on a shared machine are noisy.
@@ -50,14 +53,43 @@ def time_to_target(rows: list[dict], target: float, window: int = 3) -> float | 
     return None
 
 
+def moving(rows: list[dict], window: int = 3) -> list[float]:
+    r = [x["reward_mean"] for x in rows]
+    return [sum(r[max(0, i - window + 1):i + 1]) / len(r[max(0, i - window + 1):i + 1]) for i in range(len(r))]
+
+
+def async_compare(args) -> None:
+    """Same seed, same iterations: sync as configured vs async with one thread per role."""
+    one = ["resources.rollout_threads=1", "resources.learner_threads=1"]
+    runs = {"sync": run(args.config, "sync", args.root, args.iterations, args.overrides),
+            "async": run(args.config, "async", args.root, args.iterations,
+                         ["train.async_rollouts=true", *one, *args.overrides])}
+    target = moving(runs["sync"])[-1]  # the sync run's final training reward (3-iteration mean)
+    print(f"\ntarget: the sync run's final training reward {target:.3f} (mean of its last 3 iterations)")
+    per = {}
+    for name, rows in runs.items():
+        split(rows)
+        per[name] = sum(r["time_iter"] for r in rows[1:]) / max(1, len(rows) - 1)
+        t = time_to_target(rows, target)
+        acc = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+        print(f"  {name}: {per[name]:.2f} s/iteration, time to target {'not reached' if t is None else f'{t:.0f} s'}, "
+              f"final 3-iteration reward {moving(rows)[-1]:.3f}"
+              f"{f', held-out accuracy {acc[-1]:.3f}' if acc else ''}")
+    print(f"  iteration time ratio (async / sync): {per['async'] / per['sync']:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/quickstart.yaml")
     ap.add_argument("--iterations", type=int, default=6)
     ap.add_argument("--root", default="runs/bench")
     ap.add_argument("--compare", action="store_true")
+    ap.add_argument("--async-compare", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.async_compare:
+        async_compare(args)
+        return
     if not args.compare:
         split(run(args.config, "split", args.root, args.iterations, ["eval.every=0", *args.overrides]))
         return

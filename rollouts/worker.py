@@ -61,11 +61,6 @@ class RolloutWorker:
     def get_version(self) -> int:
         return self.version
 
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
     # -- collective weight sync (rlgen.runtime.weight_sync.CollectiveSync) ----------------------
     def join_weight_group(self, addr: str, port: int, rank: int, world_size: int, backend: str) -> None:
         from rlgen.runtime.weight_sync import new_group

@@ -66,3 +66,16 @@ def check_feasible(bundles: list[dict[str, float]], what: str) -> None:
             raise RuntimeError(f"{what}: asks for {need:g} {key} in all ({len(bundles)} × {per:g}), but the Ray "
                                f"cluster has {total.get(key, 0):g} {key} (largest node {biggest:g}); lower the "
                                f"request or {fix}")
+
+
+def _node_id(_actor) -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def node_ids(actors: list) -> list[str]:
+    """The Ray node id each actor runs on (asked through Ray's ``__ray_call__``: any actor class)."""
+    import ray
+
+    return ray.get([a.__ray_call__.remote(_node_id) for a in actors])

@@ -71,7 +71,7 @@ class Trainer:
 
     def _start_actors(self, policy_path: Path) -> None:
         from rewards.worker import make_reward_worker
-        from rlgen.runtime.cluster import check_feasible, init_ray
+        from rlgen.runtime.cluster import check_feasible, init_ray, node_ids
         from rlgen.runtime.learner import LearnerGroup
         from rlgen.runtime.weight_sync import make_weight_sync
         from rollouts.worker import RolloutWorker
@@ -103,15 +103,9 @@ class Trainer:
                                      num_threads=r.learner_threads, resources=dict(r.learner_resources))
         ray.get([w.get_version.remote() for w in self.rollout_workers])  # fail fast if a worker cannot start
         self.sync = make_weight_sync(c.train.weight_sync, self.learners, self.rollout_workers)
-        self.placement = self._placement()
-
-    def _placement(self) -> dict:
-        """Node id of every actor, by role (written to the run folder as placement.json)."""
-        node = lambda actor: actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())  # noqa: E731
-        return {"driver": ray.get_runtime_context().get_node_id(),
-                "rollout": ray.get([w.node_id.remote() for w in self.rollout_workers]),
-                "reward": ray.get([node(w) for w in self.reward_workers]),
-                "learner": ray.get([node(a) for a in self.learners.group.actors])}
+        # which node each actor landed on (placement.json in the run folder)
+        self.placement = {"driver": ray.get_runtime_context().get_node_id(), "rollout": node_ids(self.rollout_workers),
+                          "reward": node_ids(self.reward_workers), "learner": node_ids(self.learners.group.actors)}
 
     # ------------------------------------------------------------------------------------------
     # one iteration
