@@ -8,6 +8,11 @@ distance between the classifier's penultimate features (D = 128) of samples and 
 (FID-style), with ``fd_floor``, the FD that as many real train images reach (FD is biased upwards at
 small n); and ``diversity`` — mean pairwise feature distance within a class, with
 ``diversity_real`` for the same on test images. The overall diversity is the mean over classes.
+``--set clip=DIR`` adds ``clip_accuracy``: zero-shot class accuracy of a CLIP (e.g.
+rlgen/assets/clip_fashion_mnist), a second opinion when the classifier itself is the RL reward.
+
+    python -m rlgen.evaluate --checkpoint rlgen/assets/flow_fashion_base --benchmark fashion_mnist \
+        --samples-per-prompt 100 --set clip=rlgen/assets/clip_fashion_mnist --out eval.json
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlgen.data.fashion_mnist import CLASSES, FashionMNIST, class_from_prompt, class_prompt
+from rlgen.data.fashion_mnist import CLASSES, PROMPTS, FashionMNIST, class_from_prompt, class_prompt
 from rlgen.eval.flow_common import FlowSampling, flow_sampling_from, generate_images, load_flow_policy, settings_dict
 from rlgen.eval.metrics import frechet_distance, mean_pairwise_distance
 from rlgen.registry import register_benchmark
@@ -124,6 +129,20 @@ class FashionReference:
         return out
 
 
+def clip_accuracy(images: torch.Tensor, labels: torch.Tensor, checkpoint: str) -> dict:
+    """Zero-shot class accuracy of a CLIP (open_clip folder) on the samples: the nearest of the ten
+    class prompts. A second opinion from a model the classifier reward never saw (it is the reward
+    itself only in a run that trains on clip_score)."""
+    from rewards.clip_score import ClipEmbedder
+
+    emb = ClipEmbedder(checkpoint=checkpoint, who="fashion_mnist clip")
+    pred = (emb.embed_images(images) @ emb.embed_texts(list(PROMPTS)).T).argmax(-1).cpu()  # (N,)
+    correct = (pred == labels).float()
+    return {"clip_accuracy": correct.mean().item(), "clip_checkpoint": str(checkpoint),
+            "clip_accuracy_per_class": {CLASSES[c]: correct[labels == c].mean().item()
+                                        for c in range(len(CLASSES)) if (labels == c).any()}}
+
+
 def quality_report(model, images: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
                    real_labels: torch.Tensor) -> dict:
     """Accuracy, FD and diversity (overall and per class) of ``images`` against ``real`` (no FD floor)."""
@@ -134,6 +153,7 @@ def quality_report(model, images: torch.Tensor, labels: torch.Tensor, real: torc
 def fashion_mnist_benchmark(req) -> dict:
     opts = dict(req.options)
     clf_path = opts.pop("classifier", None)
+    clip_path = opts.pop("clip", None)   # e.g. rlgen/assets/clip_fashion_mnist: adds clip_accuracy
     k = req.samples_per_prompt or DEFAULT_SAMPLES_PER_PROMPT
     if req.prompts:
         lines = [ln.strip() for ln in Path(req.prompts).read_text().splitlines() if ln.strip()]
@@ -150,7 +170,10 @@ def fashion_mnist_benchmark(req) -> dict:
     prompts = [class_prompt(y) for y in labels for _ in range(k)]
     images = generate_images(policy, prompts, sampling, req.seed, req.batch_size, req.progress)
     ref = FashionReference.load(clf_path)
-    result = ref.report(images, torch.tensor([y for y in labels for _ in range(k)]))
+    label_t = torch.tensor([y for y in labels for _ in range(k)])
+    result = ref.report(images, label_t)
+    if clip_path:
+        result.update(clip_accuracy(images, label_t, clip_path))
     result.update(settings_dict(sampling, k))
     if req.grid is not None:
         from rlgen.viz import save_image_grid

@@ -110,3 +110,22 @@ def test_real_test_split_scored_as_samples_matches_the_classifier_record():
     assert r["accuracy"] == pytest.approx(ref.test_accuracy, abs=1e-3)
     assert abs(r["fd"]) < 1e-4 and r["diversity"] == pytest.approx(r["diversity_real"])
     assert r["n"] == 10000 and set(r["n_per_class"].values()) == {1000}
+
+
+def test_clip_accuracy_on_real_images_matches_the_clip_record():
+    """The shipped Fashion CLIP recorded its image→text retrieval among all ten class prompts on
+    1000 test images (eval.json); zero-shot accuracy on the same images must be that number."""
+    import json
+    from pathlib import Path
+
+    from rlgen.eval.fashion_mnist import clip_accuracy
+
+    ckpt = Path(__file__).resolve().parents[2] / "rlgen" / "assets" / "clip_fashion_mnist"
+    record = json.loads((ckpt / "eval.json").read_text())
+    try:
+        x, y = fm.FashionMNIST("test", size=record["n"], seed=10_000).tensors()  # ClipData.eval_seed
+    except fm.DatasetMissingError:
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    r = clip_accuracy(x, y, str(ckpt))
+    assert r["clip_accuracy"] == pytest.approx(record["image_to_text"], abs=2e-3)
+    assert set(r["clip_accuracy_per_class"]) == set(fm.CLASSES)
