@@ -108,7 +108,7 @@ def test_job_submitted_to_two_nodes_spreads_roles(tmp_path, two_nodes):
            "resources.learner_resources={rlgen_head: 1}", "resources.rollout_resources={rlgen_worker: 1}",
            "resources.reward_resources={rlgen_worker: 1}"]
     entry = f"cd {shlex.quote(str(REPO))} && {shlex.join(job)}"
-    out = subprocess.run([RAY, "job", "submit", f"--address={url}", "--", entry], env=env, capture_output=True,
+    out = subprocess.run([RAY, "job", "submit", f"--address={url}", "--", "bash", "-c", entry], env=env, capture_output=True,
                          text=True, timeout=900)
     log = out.stdout + out.stderr
     assert out.returncode == 0 and "succeeded" in log, log[-4000:]
