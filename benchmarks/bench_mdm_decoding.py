@@ -1,10 +1,12 @@
 """Decoding strategies for a masked-diffusion LM, measured side by side in one run.
 
-    python benchmarks/bench_mdm_decoding.py --checkpoint runs/mdm_countdown_base --task countdown
+    python benchmarks/bench_mdm_decoding.py --checkpoint rlgen/assets/mdm_countdown_base --task countdown
 
-For each strategy: accuracy on held-out problems, forward passes per answer token (NFE/token),
-tokens/s batched (--batch-size) and at batch 1 (on --n1 problems), all as ratios to LLaDA's
-default (one token per step, one block). Strategies:
+For each strategy: accuracy on held-out problems, forward passes per answer token (NFE/token) and
+per answer (NFE/ans), tokens/s batched (--batch-size) and at batch 1 (on --n1 problems spread
+evenly over the levels), all as ratios to LLaDA's default (one token per step, one block).
+Answer tokens are the task's fixed answer width, [EOS] padding included (countdown), givens
+included (sudoku rewrites the whole grid). Strategies:
   one_per_step      steps = gen_length (the baseline)
   half_steps        steps = ceil(gen_length / 2) per answer (two tokens per step)
   threshold_<t>     confidence-threshold parallel decoding (Fast-dLLM), per-row early exit
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--task", default="arith")
     ap.add_argument("--n-per-level", type=int, default=200)
+    ap.add_argument("--levels", default="", help="comma-separated levels (default: the task's)")
     ap.add_argument("--n1", type=int, default=48, help="problems decoded at batch 1")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--thresholds", default="0.9,0.7")
@@ -77,7 +80,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint).eval()
-    problems = benchmark_problems(args.task, None, {"n_per_level": args.n_per_level})
+    problems = benchmark_problems(args.task, None, {"n_per_level": args.n_per_level, "levels": args.levels or None})
+    # batch-1 subset: every k-th problem, so every level is in it (the list is ordered by level)
+    subset = problems[::max(1, len(problems) // args.n1)][:args.n1]
     strategies = {"one_per_step": {}, "half_steps": {"steps_frac": 0.5}}
     for t in args.thresholds.split(","):
         strategies[f"threshold_{t}"] = {"threshold": float(t)}
@@ -95,26 +100,28 @@ def main() -> None:
                     continue
                 try:
                     r, steps, toks, t = decode(model, problems, args.batch_size, **dict(kw))
-                    _, _, toks1, t1 = decode(model, problems[:args.n1], 1, **dict(kw))
+                    _, _, toks1, t1 = decode(model, subset, 1, **dict(kw))
                 except (ValueError, TypeError) as e:
                     rows[name] = None
                     print(f"{name}: n/a ({e})")
                     continue
                 secs[name], secs1[name] = min(secs.get(name, t), t), min(secs1.get(name, t1), t1)
-                rows[name] = (sum(r) / len(r), steps / toks, toks / secs[name], toks1 / secs1[name])
+                rows[name] = (sum(r) / len(r), steps / toks, toks / secs[name], toks1 / secs1[name],
+                              steps / len(problems))
     base = rows["one_per_step"]
     print(f"\ntask={args.task} problems={len(problems)} batch={args.batch_size} threads={args.threads}")
-    print(f"{'strategy':20s} {'accuracy':>8s} {'Δacc(pt)':>8s} {'NFE/tok':>8s} {'tok/s×(B)':>10s} {'tok/s×(1)':>10s}")
+    print(f"{'strategy':20s} {'accuracy':>8s} {'Δacc(pt)':>8s} {'NFE/tok':>8s} {'NFE/ans':>8s} {'tok/s×(B)':>10s} "
+          f"{'tok/s×(1)':>10s}")
     for name, row in rows.items():
         if row is None:
             print(f"{name:20s} {'n/a':>8s}")
             continue
-        acc, nfe, tps, tps1 = row
-        print(f"{name:20s} {acc:8.3f} {100 * (acc - base[0]):+8.1f} {nfe:8.3f} {tps / base[2]:10.2f} "
+        acc, nfe, tps, tps1, nfe_ans = row
+        print(f"{name:20s} {acc:8.3f} {100 * (acc - base[0]):+8.1f} {nfe:8.3f} {nfe_ans:8.2f} {tps / base[2]:10.2f} "
               f"{tps1 / base[3]:10.2f}")
     if args.out:
         table = {name: None if row is None else dict(zip(("accuracy", "nfe_per_token", "tokens_per_s",
-                                                          "tokens_per_s_batch1"), row)) for name, row in rows.items()}
+                                                          "tokens_per_s_batch1", "nfe_per_answer"), row)) for name, row in rows.items()}
         with open(args.out, "w") as fh:
             json.dump({"args": vars(args), "n_problems": len(problems), "strategies": table}, fh, indent=2)
 

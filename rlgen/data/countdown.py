@@ -10,11 +10,13 @@ exact) until one value is left, and keeps it if it lies in the level's target ra
 solution is that construction, written with the fewest parentheses and, for + and ×, the larger
 operand first — one canonical spelling per construction is easier for a tiny model to learn.
 
-Levels ``nK`` (K numbers drawn uniformly from 1..10 with repeats, every number used, target
-1..100) — FEASIBILITY.md measured 3% for 3–4 numbers with targets up to 250, and suggests 3
-numbers with small targets as the learnable setting. Default training mix: n3, n4; harder: n4.
-The generation length fits any K-number expression of ≤ D-digit numbers with minimal parentheses:
-K·D digits + (K−1) operators + 2·(K−2) parentheses, D = max(2, digits of the largest number).
+Levels ``nK``: K numbers drawn uniformly from 1..9 with repeats, every number used, target 1..100.
+Default training mix n2, n3; harder level: n3 (n4..n6 can still be sampled). Single-digit numbers
+and 2–3 of them keep answers short (n2: 3 tokens, n3: 7), which is what a tiny model learns in
+minutes (FEASIBILITY.md: 3–4 numbers from 1..10 and targets to 250 gave 3%; the earlier n3/n4 mix
+over 1..10 reached n4 0.145 after 24 min). The generation length fits any K-number expression of
+≤ D-digit numbers with minimal parentheses: K·D digits + (K−1) operators + 2·(K−2) parentheses,
+D = digits of the largest number (1 for generated problems; problems from files may be larger).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import re
 from rewards.text_verifiers import verify_countdown
 
 _LEVEL = re.compile(r"n(\d)")
-NUMBER_RANGE = (1, 10)
+NUMBER_RANGE = (1, 9)  # single digits: short, fixed-width answers per level
 TARGET_RANGE = (1, 100)
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 
@@ -74,8 +76,8 @@ def build_target(rng: random.Random, numbers: list[int], target_range=TARGET_RAN
 class CountdownTask:
     name = "countdown"
     fields = {"numbers": list, "target": int}
-    levels = ("n3", "n4")
-    hard_levels = ("n4",)
+    levels = ("n2", "n3")
+    hard_levels = ("n3",)
 
     def validate(self, problem: dict) -> None:
         nums = problem["numbers"]
@@ -110,8 +112,8 @@ class CountdownTask:
 
     def gen_length(self, problem: dict) -> int:
         k = len(problem["numbers"])
-        d = max(2, max(len(str(x)) for x in problem["numbers"]))
-        return k * d + (k - 1) + 2 * (k - 2)
+        d = max(len(str(x)) for x in problem["numbers"])
+        return k * d + (k - 1) + 2 * max(0, k - 2)
 
     def check(self, problem: dict, text: str, partial: bool = False) -> float:
         return verify_countdown(problem, text, partial=partial)

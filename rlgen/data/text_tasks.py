@@ -113,6 +113,9 @@ def generate_problems(task: str, n: int, seed: int, levels: Sequence[str] | None
                       split: str = "train") -> list[dict]:
     """``n`` problems spread evenly over ``levels`` (task default if empty), from ``seed``.
 
+    A level may be listed more than once to weight it: ``["n2", "n3", "n3", "n3"]`` gives n3 three
+    quarters of the training problems (and of the training steps, which draw buckets by size).
+
     ``split="train"`` skips held-out problems (repeats allowed); ``split="heldout"`` keeps only
     held-out ones, distinct, drawn from the evaluation seed stream (fewer if a level runs out).
     """
@@ -123,9 +126,10 @@ def generate_problems(task: str, n: int, seed: int, levels: Sequence[str] | None
     heldout = split == "heldout"
     rng = random.Random(EVAL_SEED_BASE + seed if heldout else seed)
     out = []
-    for i, level in enumerate(levels):
+    seen_by_level: dict[str, set[str]] = {}  # a level listed twice (to weight it in training)
+    for i, level in enumerate(levels):       # shares its held-out keys: no problem scored twice
         want = n // len(levels) + (i < n % len(levels))
-        seen, tries = set(), 0
+        seen, tries = seen_by_level.setdefault(level, set()), 0
         while want > 0 and tries < 200 * want + 2000:
             tries += 1
             pr = t.sample(rng, level)

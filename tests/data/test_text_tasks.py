@@ -38,6 +38,24 @@ def test_countdown_generation_is_solvable_and_fits():
         assert 1 <= pr["target"] <= 100
 
 
+@pytest.mark.parametrize("numbers,width", [
+    ([7, 3], 3),             # "7*3": 2 digits + 1 operator
+    ([3, 7, 9], 7),          # "(7-3)*9": 3 digits + 2 operators + 1 pair of parentheses
+    ([3, 7, 25, 50], 15),    # 2-digit numbers (a problems file): 8 digits + 3 operators + 2 pairs
+])
+def test_countdown_width_by_hand(numbers, width):
+    assert get_task("countdown").gen_length({"task": "countdown", "numbers": numbers, "target": 1}) == width
+
+
+def test_countdown_levels_are_single_digit_n2_easy_n3_hard():
+    task = get_task("countdown")
+    assert task.levels == ("n2", "n3") and task.hard_levels == ("n3",)
+    for pr in generate_problems("countdown", 200, seed=5):
+        assert all(1 <= x <= 9 for x in pr["numbers"]) and level_of(pr) == f"n{len(pr['numbers'])}"
+        ans = task.reference_answer(pr)
+        assert task.check(pr, ans) == 1.0 and len(ans) <= task.gen_length(pr) == {"n2": 3, "n3": 7}[pr["level"]]
+
+
 def test_sudoku_generation_unique_and_correct():
     task = get_task("sudoku")
     for pr in generate_problems("sudoku", 12, seed=1, levels=["b6", "b10"]):
@@ -57,6 +75,15 @@ def test_heldout_split_is_disjoint_and_deterministic():
     assert held == generate_problems("arith", 100, seed=0, levels=["pm2"], split="heldout")
     # "12+34" and "34+12" share a key, so they fall on the same side of the split
     assert is_heldout({"task": "arith", "expression": "12+34"}) == is_heldout({"task": "arith", "expression": "34+12"})
+
+
+def test_a_level_listed_twice_weights_training_but_is_scored_once():
+    train = generate_problems("countdown", 400, seed=0, levels=["n2", "n3", "n3", "n3"])
+    assert sum(p["level"] == "n3" for p in train) == 300
+    held = generate_problems("countdown", 40, seed=0, levels=["n3", "n3"], split="heldout")
+    keys = [get_task("countdown").key(p) for p in held]
+    assert len(keys) == 40 and len(set(keys)) == 40
+    assert held[:20] == generate_problems("countdown", 20, seed=0, levels=["n3"], split="heldout")
 
 
 def _write(tmp_path, lines):
