@@ -17,6 +17,7 @@ log-probs of the student's tokens, ``teacher_kind: vllm``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -91,6 +92,8 @@ class VLLMTeacher:
 
 class TextOPDTrainer(TextGRPOTrainer):
     """``TextGRPOTrainer`` whose update is on-policy distillation toward ``algo.teacher``."""
+
+    JOB_TITLE = "on-policy distillation (masked diffusion)"
 
     def __init__(self, cfg: MDMOPDJobConfig):
         super().__init__(cfg)
@@ -178,7 +181,26 @@ class TextOPDTrainer(TextGRPOTrainer):
 
     def fit(self) -> dict:
         try:
-            return super().fit()
+            result = super().fit()
+            _report_gap(Path(result["report"]), result["eval_history"])
+            return result
         finally:
             if isinstance(self.teacher, VLLMTeacher):
                 self.teacher.close()
+
+
+def _report_gap(report: Path, history: list[dict]) -> None:
+    """Append how much of the teacher–student gap the run closed (held-out accuracy) to report.md."""
+    first = next((h for h in history if "eval/teacher_accuracy" in h), None)
+    if first is None or len(history) < 2:
+        return
+    last = history[-1]
+    lines = ["", "## Teacher–student gap (held-out, greedy)", "",
+             "| metric | student start | student end | teacher | gap closed |", "|---|---|---|---|---|"]
+    for key, tkey in (("eval/accuracy", "eval/teacher_accuracy"), ("eval/hard_accuracy", "eval/teacher_hard_accuracy")):
+        if key in first and key in last and tkey in first:
+            s0, s1, t = first[key], last[key], first[tkey]
+            closed = f"{(s1 - s0) / (t - s0):.0%}" if abs(t - s0) > 1e-9 else "n/a"
+            lines.append(f"| {key[5:]} | {s0:.3f} | {s1:.3f} (step {last['step']}) | {t:.3f} | {closed} |")
+    with open(report, "a") as fh:
+        fh.write("\n".join(lines) + "\n")

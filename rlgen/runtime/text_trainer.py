@@ -103,6 +103,8 @@ def load_policy(cfg: TextPolicyConfig, device):
 
 
 class TextGRPOTrainer:
+    JOB_TITLE = "masked-diffusion GRPO"
+
     def __init__(self, cfg: MDMGRPOJobConfig):
         from rewards.base import RewardMixer
         from rlgen.data.text_tasks import get_task
@@ -319,7 +321,7 @@ class TextGRPOTrainer:
                 break
         self.logger.close()
         self.rewards.close()
-        report = write_report(self.run_dir, history, title=f"{cfg.run.name}: masked-diffusion GRPO on {self.task.name}")
+        report = write_report(self.run_dir, history, title=f"{cfg.run.name}: {self.JOB_TITLE} on {self.task.name}")
         _report_levels(self.run_dir, history, report)
         return {"run_dir": str(self.run_dir), "iterations": it, "report": str(report),
                 "minutes": round((time.time() - t0) / 60, 2), "eval_history": history}

@@ -43,6 +43,8 @@ def test_text_opd_two_iterations_then_resume(tmp_path, mdm_pair):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert rows[1]["distill_kl"] > 0 and "reward_mean" in rows[1]
     assert "eval/teacher_accuracy" in rows[0]
+    report = (run / "report.md").read_text()
+    assert "on-policy distillation" in report and "gap closed" in report
     w0, w2 = (load_file(run / "checkpoints" / s / "model.safetensors") for s in ("0", "2"))
     assert any(not torch.equal(w0[k], w2[k]) for k in w0)
     assert train_rl.main(_text_args(tmp_path, student, teacher, "train.iterations=3", "run.resume=auto",
