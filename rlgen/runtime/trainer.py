@@ -285,8 +285,7 @@ class Trainer:
         refs, self._sync_refs = self._sync_refs, []
         if not refs:
             return
-        n = len(self.rollout_workers)
-        recovered = False
+        n, recovered = len(self.rollout_workers), False
         for w_idx, ref in enumerate(refs[-n:]):  # the workers' loads come last
             try:
                 ray.get(ref)

@@ -44,11 +44,12 @@ def resampled_reward(run, it: int, ckpt: int) -> float:
     return ro.samples.float().flatten(1).mean(1).mean().item()
 
 
-def test_async_rollouts_come_from_the_weights_before_the_last_update(tmp_path):
+@pytest.mark.parametrize("transport", ["object_store", pytest.param("collective", marks=pytest.mark.slow)])
+def test_async_rollouts_come_from_the_weights_before_the_last_update(tmp_path, transport):
     import train_rl
 
     policy = tiny_flow_policy(tmp_path / "tiny")
-    assert train_rl.main(job(tmp_path, policy, "async", 4)) == 0
+    assert train_rl.main(job(tmp_path, policy, "async", 4, [f"train.weight_sync={transport}"])) == 0
     run = tmp_path / "async"
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
