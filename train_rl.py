@@ -18,7 +18,7 @@ JOBS = {
     "mdm_grpo": "rlgen.runtime.text_trainer:TextGRPOTrainer",
     "diffusion_dpo": "rlgen.runtime.preference:PreferenceTrainer",
     "vrpo": "rlgen.runtime.preference:PreferenceTrainer",
-    "flow_opd": "rlgen.runtime.trainer:Trainer",
+    "flow_opd": "rlgen.runtime.opd:FlowOPDTrainer",
     "mdm_opd": "rlgen.runtime.opd:TextOPDTrainer",
 }
 

@@ -89,6 +89,8 @@ def test_image_opd_two_iterations_on_the_ray_runtime(tmp_path_factory):
     rows = read_metrics(root / "e2e")
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert rows[1]["distill_kl"] > 0 and "policy_loss" not in rows[1]  # pure distillation
+    assert 0 <= rows[0]["eval/teacher_accuracy"] <= 1
+    assert "gap closed" in (root / "e2e" / "report.md").read_text()
     from rlgen.models import load_model
 
     start, end = load_model(root / "e2e" / "checkpoints" / "0"), load_model(root / "e2e" / "checkpoints" / "2")
