@@ -116,6 +116,26 @@ def compare(run_dirs: list[Path], out: Path, labels: list[str] | None = None, fd
     return results
 
 
+def side_by_side(grids: dict[str, Path], out: Path, scale: float = 0.5) -> Path:
+    """Sample grids (e.g. ``python -m rlgen.evaluate --out X.json`` writes X.png) next to each other,
+    each under its label: before/after pictures at a glance."""
+    from PIL import Image, ImageDraw
+
+    ims = {k: Image.open(v).convert("RGB") for k, v in grids.items()}
+    ims = {k: im.resize((round(im.width * scale), round(im.height * scale))) for k, im in ims.items()}
+    pad, top = 8, 18
+    w = sum(im.width for im in ims.values()) + pad * (len(ims) - 1)
+    canvas = Image.new("RGB", (w, top + max(im.height for im in ims.values())), "white")
+    x, draw = 0, ImageDraw.Draw(canvas)
+    for label, im in ims.items():
+        canvas.paste(im, (x, top))
+        draw.text((x + 4, 3), label, fill="black")
+        x += im.width + pad
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rlgen.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run folders (each with metrics.jsonl)")
@@ -123,13 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", nargs="+", help="one name per run (default: folder names)")
     ap.add_argument("--fd-max-ratio", type=float, default=1.1)
     ap.add_argument("--div-min-ratio", type=float, default=0.7)
+    ap.add_argument("--grids", nargs="+", default=[], metavar="LABEL=PNG",
+                    help="sample grids to put side by side in OUT/grids.png (e.g. base=base.png kl=kl.png)")
     args = ap.parse_args(argv)
+    bad = [g for g in args.grids if "=" not in g or not Path(g.split("=", 1)[1]).is_file()]
+    if bad:
+        print(f"error: --grids needs LABEL=PNG with existing files, got {bad}")
+        return 2
     try:
         results = compare(args.runs, args.out, args.labels, args.fd_max_ratio, args.div_min_ratio)
     except ValueError as e:
         print(f"error: {e}")
         return 2
     print("\n".join(table(results, args.fd_max_ratio, args.div_min_ratio)))
+    if args.grids:
+        print(side_by_side({g.split("=", 1)[0]: Path(g.split("=", 1)[1]) for g in args.grids}, args.out / "grids.png"))
     return 0
 
 

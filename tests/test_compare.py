@@ -41,3 +41,16 @@ def test_a_run_without_evaluations_is_a_clear_error(tmp_path):
     write_run(tmp_path / "r", [], [(1, 0.5)])
     with pytest.raises(ValueError, match="no held-out evaluation"):
         compare([tmp_path / "r"], tmp_path / "out")
+
+
+def test_side_by_side_places_grids_next_to_each_other(tmp_path):
+    from PIL import Image
+
+    from rlgen.compare import side_by_side
+
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (20, 50), "blue").save(tmp_path / "b.png")
+    out = side_by_side({"base": tmp_path / "a.png", "rl": tmp_path / "b.png"}, tmp_path / "g.png", scale=1.0)
+    im = Image.open(out)
+    assert im.size == (40 + 8 + 20, 18 + 50)   # widths + one gap; label strip + tallest grid
+    assert im.getpixel((10, 18 + 5)) == (255, 0, 0) and im.getpixel((48 + 5, 18 + 40)) == (0, 0, 255)
