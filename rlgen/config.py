@@ -67,7 +67,7 @@ def _import_builtin_kinds() -> None:
     import importlib
 
     for mod in ("rlgen.pretrain.flow_matching", "rlgen.pretrain.masked_diffusion", "rlgen.pretrain.clip",
-                "rlgen.pretrain.classifier", "rlgen.pretrain.aesthetic",
+                "rlgen.pretrain.classifier", "rlgen.pretrain.aesthetic", "rlgen.pretrain.ar_lm",
                 "rlgen.runtime.job", "rlgen.runtime.text_trainer", "rlgen.runtime.preference",
                 "rlgen.runtime.opd"):
         try:

@@ -3,7 +3,8 @@
 The config's ``kind`` picks the trainer: flow_pretrain (flow matching, images), mdm_pretrain
 (masked diffusion, text), clip_pretrain (a tiny CLIP for the clip_score reward),
 classifier_pretrain (the image classifier behind verifier rewards and metrics),
-aesthetic_pretrain (an aesthetic head on CLIP embeddings, from preference pairs or ratings).
+aesthetic_pretrain (an aesthetic head on CLIP embeddings, from preference pairs or ratings),
+ar_pretrain (an autoregressive teacher LM sharing the masked-diffusion tokenizer, for vLLM).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ TRAINERS = {
     "clip_pretrain": "rlgen.pretrain.clip:train",
     "classifier_pretrain": "rlgen.pretrain.classifier:train",
     "aesthetic_pretrain": "rlgen.pretrain.aesthetic:train",
+    "ar_pretrain": "rlgen.pretrain.ar_lm:train",
 }
 
 
