@@ -4,8 +4,8 @@
         --out runs/fashion_compare
 
 Reads each run's ``metrics.jsonl`` and writes ``OUT/compare.png`` (one panel per metric, one line
-per run; the training reward is smoothed over 5 iterations because 8 prompts per iteration make it
-noisy), ``OUT/compare.md`` (first vs last evaluation of every run) and ``OUT/compare.json``. The
+per run; the training reward, ``--reward-key``, is smoothed over 5 iterations because 8 prompts per
+iteration make it noisy), ``OUT/compare.md`` (first vs last evaluation of every run) and ``OUT/compare.json``. The
 quality guard asks, for each run, whether the last evaluation keeps FD within ``--fd-max-ratio``
 of the first (the base) and diversity at least ``--div-min-ratio`` of it: a reward can rise while
 the samples drift away from the data or collapse onto a few modes, and these two numbers catch it.
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from rlgen.runtime.rundir import read_metrics
 
-PANELS = {"reward_mean": "training reward (5-iteration mean)", "eval/accuracy": "held-out class accuracy",
-          "eval/fd": "FD to the test split (lower is better)", "eval/diversity": "within-class diversity"}
+PANELS = {"eval/accuracy": "held-out class accuracy", "eval/fd": "FD to the test split (lower is better)",
+          "eval/diversity": "within-class diversity"}
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -51,19 +51,22 @@ def _evals(rows: list[dict]) -> list[dict]:
     return [r for r in rows if isinstance(r.get("eval/accuracy"), (int, float))]
 
 
-def plot(runs: dict[str, list[dict]], path: Path, smooth: int = 5) -> Path:
+def plot(runs: dict[str, list[dict]], path: Path, smooth: int = 5, reward_key: str = "reward_mean") -> Path:
+    """One panel per metric, one line per run. ``reward_key`` picks the training-reward panel's series:
+    with mixed rewards, a shared component (e.g. reward/fashion_classifier) compares runs on one scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4), dpi=110)
-    for ax, (key, title) in zip(axes, PANELS.items()):
+    panels = {reward_key: f"training {reward_key.replace('reward/', 'reward: ')} ({smooth}-iteration mean)", **PANELS}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), dpi=110)
+    for ax, (key, title) in zip(axes, panels.items()):
         for label, rows in runs.items():
             xs, ys = series(rows, key)
-            if key == "reward_mean":
+            if key == reward_key:
                 ys = moving_average(ys, smooth)
-            ax.plot(xs, ys, marker="" if key == "reward_mean" else "o", ms=3, label=label)
+            ax.plot(xs, ys, marker="" if key == reward_key else "o", ms=3, label=label)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
@@ -89,7 +92,7 @@ def table(results: dict[str, dict], fd_max_ratio: float, div_min_ratio: float) -
 
 
 def compare(run_dirs: list[Path], out: Path, labels: list[str] | None = None, fd_max_ratio: float = 1.1,
-            div_min_ratio: float = 0.7) -> dict:
+            div_min_ratio: float = 0.7, reward_key: str = "reward_mean") -> dict:
     labels = labels or [Path(d).name for d in run_dirs]
     if len(labels) != len(run_dirs):
         raise ValueError(f"--labels gives {len(labels)} names for {len(run_dirs)} runs")
@@ -103,7 +106,7 @@ def compare(run_dirs: list[Path], out: Path, labels: list[str] | None = None, fd
         results[label] = {"run": str(d), "first_step": evals[0]["step"], "last_step": evals[-1]["step"],
                           **guard(evals[0], evals[-1], fd_max_ratio, div_min_ratio)}
     out = Path(out)
-    fig = plot(runs, out / "compare.png")
+    fig = plot(runs, out / "compare.png", reward_key=reward_key)
     md = ["# Runs side by side", "", f"![curves]({fig.name})", "",
           *table(results, fd_max_ratio, div_min_ratio), ""]
     for label, d in zip(labels, run_dirs):
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", type=Path, help="run folders (each with metrics.jsonl)")
     ap.add_argument("--out", type=Path, required=True, help="folder for compare.png, compare.md, compare.json")
     ap.add_argument("--labels", nargs="+", help="one name per run (default: folder names)")
+    ap.add_argument("--reward-key", default="reward_mean",
+                    help="metrics.jsonl key of the reward panel, e.g. reward/fashion_classifier")
     ap.add_argument("--fd-max-ratio", type=float, default=1.1)
     ap.add_argument("--div-min-ratio", type=float, default=0.7)
     ap.add_argument("--grids", nargs="+", default=[], metavar="LABEL=PNG",
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --grids needs LABEL=PNG with existing files, got {bad}")
         return 2
     try:
-        results = compare(args.runs, args.out, args.labels, args.fd_max_ratio, args.div_min_ratio)
+        results = compare(args.runs, args.out, args.labels, args.fd_max_ratio, args.div_min_ratio, args.reward_key)
     except ValueError as e:
         print(f"error: {e}")
         return 2
