@@ -8,7 +8,7 @@ evenly over the levels), all as ratios to LLaDA's default (one token per step, o
 Answer tokens are the task's fixed answer width, [EOS] padding included (countdown), givens
 included (sudoku rewrites the whole grid). Strategies:
   one_per_step      steps = gen_length (the baseline)
-  half_steps        steps = ceil(gen_length / 2) per answer (two tokens per step)
+  steps_1/<k>       steps = ceil(gen_length / k) per answer (k tokens per step; --step-divisors)
   threshold_<t>     confidence-threshold parallel decoding (Fast-dLLM), per-row early exit
   threshold_<t>@block  the same in semi-autoregressive blocks of --cache-block tokens
   threshold_<t>+cache  the same blocks with approximate prefix KV caching
@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--n1", type=int, default=48, help="problems decoded at batch 1")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--thresholds", default="0.9,0.7")
+    ap.add_argument("--step-divisors", default="2", help="fixed schedules with gen_length / k steps")
     ap.add_argument("--cache-block", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5, help="timing rounds; the fastest of each is kept")
@@ -83,7 +84,9 @@ def main() -> None:
     problems = benchmark_problems(args.task, None, {"n_per_level": args.n_per_level, "levels": args.levels or None})
     # batch-1 subset: every k-th problem, so every level is in it (the list is ordered by level)
     subset = problems[::max(1, len(problems) // args.n1)][:args.n1]
-    strategies = {"one_per_step": {}, "half_steps": {"steps_frac": 0.5}}
+    strategies = {"one_per_step": {}}
+    for k in args.step_divisors.split(","):
+        strategies[f"steps_1/{k}"] = {"steps_frac": 1.0 / float(k)}
     for t in args.thresholds.split(","):
         strategies[f"threshold_{t}"] = {"threshold": float(t)}
     for t in args.thresholds.split(","):  # the same blocks without the cache isolate the cache's effect

@@ -10,13 +10,16 @@ exact) until one value is left, and keeps it if it lies in the level's target ra
 solution is that construction, written with the fewest parentheses and, for + and ×, the larger
 operand first — one canonical spelling per construction is easier for a tiny model to learn.
 
-Levels ``nK``: K numbers drawn uniformly from 1..9 with repeats, every number used, target 1..100.
-Default training mix n2, n3; harder level: n3 (n4..n6 can still be sampled). Single-digit numbers
-and 2–3 of them keep answers short (n2: 3 tokens, n3: 7), which is what a tiny model learns in
-minutes (FEASIBILITY.md: 3–4 numbers from 1..10 and targets to 250 gave 3%; the earlier n3/n4 mix
-over 1..10 reached n4 0.145 after 24 min). The generation length fits any K-number expression of
-≤ D-digit numbers with minimal parentheses: K·D digits + (K−1) operators + 2·(K−2) parentheses,
-D = digits of the largest number (1 for generated problems; problems from files may be larger).
+Levels ``nK``: K numbers drawn uniformly from 1..9 with repeats, every number used, target 1..100
+(about 2,100 distinct n3 problems, a tenth of them held out). The default level, and the harder
+one, is n3; n2 (3-token answers, 138 distinct problems) is an easier level to ask for by name;
+n4..n6 can still be sampled. Single-digit numbers and three of them keep answers short (n3: 7 tokens), which
+is what a tiny model learns in minutes (FEASIBILITY.md: 3–4 numbers from 1..10 and targets to 250
+gave 3%; the earlier n3/n4 mix over 1..10 reached n4 0.145 after 24 min). Mixing n2 into training
+slowed n3 down (configs/pretrain/mdm_countdown.yaml). The generation length fits any K-number
+expression of ≤ D-digit numbers with minimal parentheses: K·D digits + (K−1) operators +
+2·(K−2) parentheses, D = digits of the largest number (1 for generated problems; 2 or more for
+problems from files).
 """
 from __future__ import annotations
 
@@ -76,7 +79,7 @@ def build_target(rng: random.Random, numbers: list[int], target_range=TARGET_RAN
 class CountdownTask:
     name = "countdown"
     fields = {"numbers": list, "target": int}
-    levels = ("n2", "n3")
+    levels = ("n3",)
     hard_levels = ("n3",)
 
     def validate(self, problem: dict) -> None:
