@@ -4,9 +4,11 @@
     python benchmarks/bench_rl_iteration.py --config configs/quickstart.yaml --iterations 6
     # time-to-target training reward: the config's recipe vs training every step of 20-step rollouts
     python benchmarks/bench_rl_iteration.py --config configs/quickstart.yaml --compare --iterations 30
-    # synchronous (2 threads per role, roles alternate) vs the one-step off-policy pipeline
-    # (train.async_rollouts, 1 thread per role, roles overlap): time to the sync run's final reward
-    python benchmarks/bench_rl_iteration.py --config configs/quickstart.yaml --async-compare --iterations 30
+    # synchronous vs the one-step off-policy pipeline (train.async_rollouts; 1 thread per role, so
+    # the overlapping roles share the 2 cores): time to the sync run's final training reward. The
+    # overrides go to both runs; these make sync use 1 thread per role as well (docs/scaling.md)
+    python benchmarks/bench_rl_iteration.py --config configs/quickstart.yaml --async-compare --iterations 20 \
+        resources.rollout_threads=1 resources.learner_threads=1 [--async-first]
 
 Each run is a real train_rl.py job (local Ray, same seed); numbers come from its metrics.jsonl.
 Ratios only: timings on a shared machine are noisy.
@@ -61,9 +63,9 @@ def moving(rows: list[dict], window: int = 3) -> list[float]:
 def async_compare(args) -> None:
     """Same seed, same iterations: sync as configured vs async with one thread per role."""
     one = ["resources.rollout_threads=1", "resources.learner_threads=1"]
-    runs = {"sync": run(args.config, "sync", args.root, args.iterations, args.overrides),
-            "async": run(args.config, "async", args.root, args.iterations,
-                         ["train.async_rollouts=true", *one, *args.overrides])}
+    order = ("async", "sync") if args.async_first else ("sync", "async")  # to see drift in the machine's load
+    extra = {"sync": args.overrides, "async": ["train.async_rollouts=true", *one, *args.overrides]}
+    runs = {name: run(args.config, name, args.root, args.iterations, extra[name]) for name in order}
     target = moving(runs["sync"])[-1]  # the sync run's final training reward (3-iteration mean)
     print(f"\ntarget: the sync run's final training reward {target:.3f} (mean of its last 3 iterations)")
     per = {}
@@ -85,6 +87,7 @@ def main() -> None:
     ap.add_argument("--root", default="runs/bench")
     ap.add_argument("--compare", action="store_true")
     ap.add_argument("--async-compare", action="store_true")
+    ap.add_argument("--async-first", action="store_true", help="with --async-compare: run the async job first")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.async_compare:
