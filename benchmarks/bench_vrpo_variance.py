@@ -16,7 +16,9 @@ same number of forward passes in every variant). For each pair the score is re-e
 Printed: the variance of each and the ratio naive / variant (VRPO's target: ≥ 4×). β only scales
 every variance by β², so ratios do not depend on it. ``--policy`` should differ from
 ``--reference`` (e.g. a DPO-trained run against its base, or two checkpoints of one run): with
-identical models the antithetic score is exactly 0.
+identical models (the first step of DPO) the antithetic score is exactly 0, so the ratio is
+infinite there; what allocation alone contributes is then seen in the variance of one model's
+ELBO, also printed (``elbo``: naive i.i.d. vs stratified timesteps, per model, same n).
 """
 from __future__ import annotations
 
@@ -54,6 +56,29 @@ def score_variance(policy, ref, data: TextPairs, idx: list[int], cfg: VRPOConfig
     return torch.cat(variances).mean().item()
 
 
+def elbo_variance(model, data: TextPairs, idx: list[int], n: int, allocation: str, form: str, repeats: int,
+                  seed: int) -> float:
+    """Mean over the chosen and rejected answers of ``idx`` of the variance of ``model``'s ELBO."""
+    from rlgen.samplers.likelihood import elbo_from_plan, make_mask_plan
+
+    by_len: dict[int, list[int]] = {}
+    for i in idx:
+        by_len.setdefault(len(data.prompt_ids[i]), []).append(i)
+    variances = []
+    with torch.no_grad():
+        for group in by_len.values():
+            prompt = torch.tensor([data.prompt_ids[i] for i in group] * 2)  # (2b, P)
+            answers = pad_answers([data.chosen_ids[i] for i in group] + [data.rejected_ids[i] for i in group],
+                                  data.eos_id)  # (2b, L)
+            draws = []
+            for r in range(repeats):
+                g = torch.Generator().manual_seed(seed * 100_003 + r)
+                plan = make_mask_plan(*answers.shape, n, g, form=form, allocation=allocation)
+                draws.append(elbo_from_plan(model, prompt, answers, plan, data.mask_id))
+            variances.append(torch.stack(draws).double().var(0))  # (2b,)
+    return torch.cat(variances).mean().item()
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", required=True, help="policy checkpoint or run folder")
@@ -78,15 +103,20 @@ def main(argv=None) -> dict:
     res = {name: score_variance(policy, ref, data, idx, VRPOConfig(beta=args.beta, n_samples=args.n, form=args.form,
                                                                    **kw), args.repeats, args.seed)
            for name, kw in VARIANTS.items()}
+    elbo = {who: {a: elbo_variance(m, data, idx, args.n, a, args.form, args.repeats, args.seed)
+                  for a in ("naive", "optimal")} for who, m in (("policy", policy), ("reference", ref))}
     out = {"policy": args.policy, "reference": args.reference, "pairs": len(idx), "n": args.n,
            "repeats": args.repeats, "form": args.form, "variance": res,
            "ratio_vs_naive": {k: res["naive"] / v if v > 0 else float("inf") for k, v in res.items()},
-           "seconds": round(time.time() - t0, 1)}
+           "elbo_variance": elbo, "seconds": round(time.time() - t0, 1)}
     print(f"preference-score variance, budget n={args.n}, {len(idx)} pairs × {args.repeats} repeats "
           f"({out['seconds']} s)")
     for k, v in res.items():
         print(f"  {k:<11} {v:12.5g}   naive/{k} = {out['ratio_vs_naive'][k]:.2f}×")
     print(f"VRPO variance reduction at equal budget: {out['ratio_vs_naive']['vrpo']:.1f}×")
+    for who, v in elbo.items():
+        print(f"  ELBO of one answer, {who:<9}: naive {v['naive']:.5g}, stratified {v['optimal']:.5g} "
+              f"(naive/stratified = {v['naive'] / v['optimal']:.2f}×)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)
