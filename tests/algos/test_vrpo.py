@@ -113,3 +113,26 @@ def test_registered_and_config_checks():
     assert ALGORITHMS.get("vrpo") is dpo_loss
     with pytest.raises(ValueError, match="allocation"):
         VRPOConfig(allocation="stratified")
+
+
+def test_bench_elbo_variance_matches_direct_draws(models):
+    """The bench's per-model ELBO variance (naive allocation) equals the variance of plain l-form
+    ELBOs drawn with the same seeds, averaged over the chosen and rejected answers."""
+    import importlib.util
+    from pathlib import Path
+
+    from rlgen.runtime.preference_update import TextPairs
+    from rlgen.samplers.likelihood import elbo_l
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_vrpo_variance.py"
+    spec = importlib.util.spec_from_file_location("bench_vrpo_variance", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    _, ref = models
+    p, w, l = batch(B=3)
+    data = TextPairs(p.tolist(), w.tolist(), l.tolist(), ref.mask_id, ref.eos_id, VRPOConfig())
+    got = bench.elbo_variance(ref, data, [0, 1, 2], n=4, allocation="naive", form="l", repeats=6, seed=2)
+    with torch.no_grad():
+        draws = torch.stack([elbo_l(ref, torch.cat([p, p]), torch.cat([w, l]), ref.mask_id, 4,
+                                    torch.Generator().manual_seed(2 * 100_003 + r)) for r in range(6)])  # (R, 2B)
+    assert got == pytest.approx(draws.double().var(0).mean().item(), rel=1e-5)
