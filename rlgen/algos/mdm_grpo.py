@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from rlgen.samplers.masked import model_logits
+
 
 @dataclass
 class MDMGRPOConfig:
@@ -130,9 +132,8 @@ def plan_logprobs(model, plan: ScorePlan, tokens: torch.Tensor, banned_ids=()) -
     """
     n, B, L = plan.inputs.shape
     P = plan.prompt_length
-    out = model(plan.inputs.reshape(n * B, L))
-    logits = out if isinstance(out, torch.Tensor) else out.logits
-    logits = logits[:, P:].float().reshape(n, B, L - P, -1)  # (n, B, G, V)
+    logits = model_logits(model, plan.inputs.reshape(n * B, L))[:, P:]
+    logits = logits.float().reshape(n, B, L - P, -1)  # (n, B, G, V)
     if len(banned_ids):
         logits = logits.index_fill(-1, torch.tensor(sorted(set(banned_ids)), device=logits.device), float("-inf"))
     target = tokens[:, P:]  # (B, G)

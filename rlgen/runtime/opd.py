@@ -26,9 +26,10 @@ from rlgen.algos.mdm_grpo import plan_logprobs, trajectory_plan
 from rlgen.algos.opd import (FlowOPDConfig, MDMOPDConfig, masked_mean_per_row, sequence_kl_loss,
                              token_reverse_kl, visited_states)
 from rlgen.config import RunConfig, register_config
-from rlgen.runtime.job import FlowGRPOJobConfig, TrainLoopConfig
+from rlgen.runtime.job import FlowGRPOJobConfig
 from rlgen.runtime.text_trainer import MDMGRPOJobConfig, TextGRPOTrainer
 from rlgen.runtime.trainer import Trainer
+from rlgen.samplers.masked import model_logits
 
 
 @register_config("flow_opd")
@@ -37,7 +38,6 @@ class FlowOPDJobConfig(FlowGRPOJobConfig):
     kind: str = "flow_opd"
     run: RunConfig = field(default_factory=lambda: RunConfig(name="flow_opd"))
     algo: FlowOPDConfig = field(default_factory=FlowOPDConfig)
-    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     eval_teacher: bool = True  # score the teacher once at step 0 (the held-out gap the student should close)
 
 
@@ -78,11 +78,6 @@ class MDMOPDJobConfig(MDMGRPOJobConfig):
     algo: MDMOPDConfig = field(default_factory=MDMOPDConfig)
 
 
-def _logits(model, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
 class MDMTeacher:
     """A masked-diffusion teacher: full next-token distributions at any masked state."""
 
@@ -97,7 +92,7 @@ class MDMTeacher:
 
     @torch.no_grad()
     def logits(self, states: torch.Tensor) -> torch.Tensor:  # (N, L) → (N, L, V)
-        return _logits(self.model, states).float()
+        return model_logits(self.model, states).float()
 
 
 class VLLMTeacher:
@@ -158,7 +153,7 @@ class TextOPDTrainer(TextGRPOTrainer):
         loss = torch.zeros((), device=self.device)
         if a.teacher_kind == "mdm":
             n, B, L = t["states"].shape
-            s = _logits(self.policy, t["states"].reshape(n * B, L))[:, b.prompt_length:]
+            s = model_logits(self.policy, t["states"].reshape(n * B, L))[:, b.prompt_length:]
             kl = token_reverse_kl(s.reshape(n, B, L - b.prompt_length, -1), t["teacher"], self.banned)  # (n, B, G)
             kl_rows = masked_mean_per_row(kl, t["masked"])  # (B,)
             loss = loss + a.distill_weight * kl_rows.mean()
