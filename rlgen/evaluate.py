@@ -3,9 +3,12 @@
     python -m rlgen.evaluate --checkpoint DIR --benchmark NAME [--prompts FILE | --problems FILE]
         [--samples-per-prompt K] [--seed S] [--out FILE.json] [--set key=value ...]
 
-DIR may be a checkpoint folder or a run folder (then its latest complete checkpoint). Benchmarks are
-registered functions ``fn(req: EvalRequest) -> dict``; the dict holds at least ``accuracy`` (overall,
-in [0, 1]), ``per_task`` (task type → accuracy), ``n`` (items scored) and the sampling settings used.
+DIR may be a checkpoint folder or a run folder (then its latest complete checkpoint), a diffusers
+pipeline folder or a Hugging Face model folder. Benchmarks are registered functions
+``fn(req: EvalRequest, policy) -> dict`` run on a loaded policy (the CLI loads DIR; an RL run's
+rollout worker passes the policy it holds, so in-run numbers are the CLI's); the dict holds at least
+``accuracy`` (overall, in [0, 1]), ``per_task`` (task type → accuracy), ``n`` (items scored) and the
+sampling settings used. A benchmark's ``options`` attribute names the ``--set`` keys it accepts.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from rlgen.runtime.rundir import CheckpointError, resolve_checkpoint
 
 @dataclass
 class EvalRequest:
-    checkpoint: Path
+    checkpoint: Path | None = None       # what the CLI loads (None when the caller passes a policy)
     prompts: Path | None = None          # one prompt per line (image benchmarks)
     problems: Path | None = None         # JSONL problems (text benchmarks)
     samples_per_prompt: int | None = None  # None: the benchmark's default
@@ -37,12 +40,32 @@ class EvalRequest:
     progress: bool = True
     options: dict[str, Any] = field(default_factory=dict)  # benchmark-specific: steps, cfg, threshold …
     grid: Path | None = None             # where image benchmarks write a PNG grid of their samples
+    return_samples: bool = False         # put a few samples in the result (an RL run draws its grids from them)
+    trust_remote_code: bool = False      # only from the caller: never read from the checkpoint folder
 
 
-def run_benchmark(name: str, req: EvalRequest) -> dict:
+def check_options(name: str, options: dict) -> None:
+    """Refuse options the benchmark does not take (before anything runs)."""
     fn = BENCHMARKS.get(name)
+    known = getattr(fn, "options", None)
+    unknown = sorted(set(options) - set(known)) if known is not None else []
+    if unknown:
+        raise ValueError(f"benchmark '{name}': unknown option(s) {unknown}; known: {sorted(known)}")
+
+
+def run_benchmark(name: str, req: EvalRequest, policy=None) -> dict:
+    """Score ``policy`` (default: load ``req.checkpoint``) on benchmark ``name``."""
+    fn = BENCHMARKS.get(name)
+    check_options(name, req.options)
     t0 = time.time()
-    result = fn(req)
+    if policy is None:
+        getattr(fn, "prepare", lambda r: None)(req)  # a bad prompts/problems file fails before the model loads
+        from rlgen.models import load_model
+        from rlgen.utils import resolve_device
+
+        policy = load_model(req.checkpoint, device=str(resolve_device(req.device)),
+                            trust_remote_code=req.trust_remote_code).eval()
+    result = fn(req, policy)
     for key in ("accuracy", "per_task", "n"):
         if key not in result:
             raise RuntimeError(f"benchmark '{name}' returned no '{key}' (got keys {sorted(result)})")
@@ -76,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                     help="benchmark option, e.g. --set steps=20 --set cfg=4.0 (repeatable)")
     ap.add_argument("--out", type=Path, help="write the result JSON here")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="allow a Hugging Face model folder's own Python code to run (never implied by the folder)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     for flag, p in (("--prompts", args.prompts), ("--problems", args.problems)):
@@ -87,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         req = EvalRequest(checkpoint=ckpt, prompts=args.prompts, problems=args.problems,
                           samples_per_prompt=args.samples_per_prompt, seed=args.seed, device=args.device,
                           batch_size=args.batch_size, progress=not args.no_progress,
-                          options=_parse_options(args.options),
+                          options=_parse_options(args.options), trust_remote_code=args.trust_remote_code,
                           grid=args.out.with_suffix(".png") if args.out else None)
         result = run_benchmark(args.benchmark, req)
     except (CheckpointError, ModelLoadError, RegistryError, ValueError) as e:

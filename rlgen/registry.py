@@ -99,7 +99,7 @@ REWARDS = Registry("reward", ("rewards.shapes_verifier", "rewards.text_verifiers
                               "rewards.aesthetic", "rewards.fashion_classifier", "rewards.llm_judge", "rewards.examples",
                               "rewards.remote"))
 ALGORITHMS = Registry("algorithm", ("rlgen.algos.flow_grpo", "rlgen.algos.diffusion_dpo", "rlgen.algos.vrpo",
-                                    "rlgen.algos.mdm_grpo", "rlgen.algos.opd"))
+                                    "rlgen.algos.mdm_grpo", "rlgen.algos.opd", "rlgen.algos.reinforce"))
 BENCHMARKS = Registry("benchmark", ("rlgen.eval.shapes", "rlgen.eval.fashion_mnist", "rlgen.eval.text"))
 
 
@@ -116,7 +116,10 @@ def register_reward(name: str) -> Callable:
 
 
 def register_algorithm(name: str) -> Callable:
-    return ALGORITHMS.register(name)
+    """Registers an ``rlgen.algos.base.Algorithm`` subclass (see that module)."""
+    from rlgen.algos.base import register_algorithm as register
+
+    return register(name)
 
 
 def register_benchmark(name: str) -> Callable:

@@ -329,3 +329,27 @@ def vllm_engine_actor(model_path: str | Path, num_cpus: float = 1, num_gpus: flo
         num_gpus = 1 if torch.cuda.is_available() else 0
     actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(VLLMEngine)
     return actor_cls.remote(str(model_path), **kwargs)
+
+
+class VLLMTeacher:
+    """An autoregressive teacher on vLLM for on-policy distillation: log p_t(y_k | prompt, y_<k) of
+    given token ids. The teacher must share the student's tokenizer (the same token ids)."""
+
+    def __init__(self, path: str):
+        self.engine = VLLMEngine(path)
+        self.path = path
+
+    def check_vocab(self, student_vocab_size: int) -> None:
+        if len(self.engine.tokenizer) < student_vocab_size:
+            raise ValueError(f"teacher {self.path}: vocabulary of {len(self.engine.tokenizer)} tokens cannot score "
+                             f"the student's {student_vocab_size} token ids; it must share the student's tokenizer")
+
+    def token_logprobs(self, tokens, prompt_length: int):  # (B, P+G) → (B, G)
+        import torch
+
+        ids = tokens.tolist()
+        lps = self.engine.score([r[:prompt_length] for r in ids], [r[prompt_length:] for r in ids])
+        return torch.tensor(lps, dtype=torch.float32)
+
+    def close(self) -> None:
+        self.engine.shutdown()

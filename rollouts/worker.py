@@ -1,64 +1,71 @@
-"""RolloutWorker: a Ray actor holding a policy copy; samples SDE rollouts and evaluation images.
+"""RolloutWorker: a Ray actor holding a policy copy of any family; samples rollouts, runs evaluations.
 
-Thin on purpose: sampling lives in ``rollouts/image.py``, weight loading in the learner module and
-``rlgen.runtime.weight_sync`` (numpy through the object store, or a broadcast group).
+Thin on purpose: sampling is the family's (``rlgen.families.<family>.rollout``), evaluation the
+benchmark's (``rlgen.evaluate``), weight loading ``rlgen.runtime.engine.load_numpy_weights`` or a
+broadcast (``rlgen.runtime.weight_sync``). Every rollout carries the weights version it was
+sampled with, so the driver can tell a restarted worker's stale samples from current ones.
 """
 from __future__ import annotations
 
-import numpy as np
-import torch
+import os
 
-from rollouts.image import ImageRolloutConfig, rollout_images
+import torch
 
 
 class RolloutWorker:
-    def __init__(self, policy_path: str, rollout_cfg: ImageRolloutConfig, num_threads: int = 1,
-                 device: str = "auto", worker_index: int = 0, lora_rank: int = 0, lora_alpha: float = 0.0,
-                 lora_targets: list[str] | None = None):
+    def __init__(self, policy_path: str, load_options: dict, rollout_cfg, lora=None, num_threads: int = 1,
+                 device: str = "auto", worker_index: int = 0):
         import rlgen  # noqa: F401  (torchvision compatibility in this process)
+        from rlgen.families import family_of
         from rlgen.models import load_model
         from rlgen.utils import resolve_device, set_threads
 
         set_threads(num_threads)
-        self.index = worker_index
-        self.cfg = rollout_cfg
-        self.policy = load_model(policy_path, device=str(resolve_device(device))).eval()
+        self.index, self.cfg, self.load_options = worker_index, rollout_cfg, dict(load_options)
+        self.device = str(resolve_device(device))
+        self.policy = load_model(policy_path, device=self.device, **self.load_options).eval()
+        self.family = family_of(self.policy)
         # Under LoRA the learner syncs only the adapter: hold the same adapter, so its weights load
         # by name onto the frozen base this worker already has.
-        self.lora = lora_rank > 0
+        self.lora = lora is not None and lora.enabled
         if self.lora:
-            from rlgen.runtime.flow_update import apply_lora
-
-            apply_lora(self.policy, lora_rank, lora_alpha, lora_targets)
+            self.family.add_lora(self.policy, lora)
         self.policy.requires_grad_(False)
         self.version = 0
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
-    def generate(self, prompts: list[str], group_ids: torch.Tensor, seed: int):
+    def get_version(self) -> int:
+        return self.version
+
+    def generate(self, items: list[dict], group_ids: torch.Tensor, seed: int):
+        """One rollout per item (the driver repeats each prompt G times), with this worker's weights."""
         gen = torch.Generator().manual_seed(int(seed))
-        return rollout_images(self.policy, prompts, group_ids, self.cfg, gen, weights_version=self.version)
+        return self.family.rollout(self.policy, items, group_ids, self.cfg, gen, self.version)
 
     @torch.no_grad()
-    def generate_eval(self, prompts: list[str], num_steps: int, cfg_scale: float, seed: int,
-                      batch_size: int = 64) -> np.ndarray:
-        """Deterministic ODE samples for held-out evaluation, as (B, C, H, W) float32 numpy."""
-        gen = torch.Generator().manual_seed(int(seed))
-        images = self.policy.generate(prompts, num_steps=num_steps, cfg_scale=cfg_scale, noise_level=0.0,
-                                      shift=self.cfg.shift, generator=gen, batch_size=batch_size)
-        return images.float().cpu().numpy()
+    def evaluate(self, benchmark: str, request: dict, checkpoint: str | None = None) -> dict:
+        """Run a registered benchmark on this worker's policy (or on ``checkpoint``, e.g. a teacher)."""
+        from rlgen.evaluate import EvalRequest, run_benchmark
+
+        req = EvalRequest(device=self.device, progress=False, **request)
+        if checkpoint is not None:
+            from rlgen.models import load_model
+
+            model = load_model(checkpoint, device=self.device, **self.load_options).eval()
+            return run_benchmark(benchmark, req, model)
+        return run_benchmark(benchmark, req, self.policy)
+
+    def prepare_pairs(self, pairs) -> object:
+        """Pair tensors in this policy's sample space / token ids (``Family.prepare_pairs``)."""
+        return self.family.prepare_pairs(self.policy, pairs)
 
     def load_weights(self, version: int, state: dict) -> int:
-        from rlgen.runtime.learner import load_numpy_weights
+        from rlgen.runtime.engine import load_numpy_weights
 
         load_numpy_weights(self.policy, state, strict=not self.lora)
         self.version = int(version)
-        return self.version
-
-    def get_version(self) -> int:
         return self.version
 
     # -- collective weight sync (rlgen.runtime.weight_sync.CollectiveSync) ----------------------

@@ -25,11 +25,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from rlgen.registry import register_algorithm
+from rlgen.algos.base import Accumulator, AlgoConfig, Algorithm, LearnerContext, register_algorithm
+from rlgen.batches import ImagePairs, row_generator
+from rlgen.config import FieldError, check_choice, check_range
 
 
 @dataclass
-class DiffusionDPOConfig:
+class DiffusionDPOConfig(AlgoConfig):
+    name: str = "diffusion_dpo"
     beta: float = 2000.0                 # β of the loss (see the module docstring for its scale)
     sigma_density: str = "logit_normal"  # σ density, as in pretraining: uniform | logit_normal
     sigma_mean: float = 0.0              # logit-normal location
@@ -40,19 +43,18 @@ class DiffusionDPOConfig:
     sigma_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
 
     def __post_init__(self):
-        if self.beta <= 0:
-            raise ValueError(f"algo.beta must be > 0, got {self.beta}")
+        check_range(self, "beta", lo=0, lo_open=True)
+        check_choice(self, "sigma_density", ("uniform", "logit_normal"))
+        check_range(self, "sigma_std", lo=0, lo_open=True)
         r = [float(v) for v in self.sigma_range]
         if len(r) != 2 or not 0.0 <= r[0] < r[1] <= 1.0:
-            raise ValueError(f"algo.sigma_range must be [lo, hi] with 0 <= lo < hi <= 1, got {self.sigma_range}")
+            raise FieldError("sigma_range", f"must be [lo, hi] with 0 <= lo < hi <= 1, got {self.sigma_range}")
         self.sigma_range = r
-        if self.noise_draws < 1:
-            raise ValueError(f"algo.noise_draws must be >= 1, got {self.noise_draws}")
+        check_range(self, "noise_draws", lo=1)
 
 
-@register_algorithm("diffusion_dpo")
 def loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: torch.Tensor, ref_err_l: torch.Tensor,
-         beta: float) -> tuple[torch.Tensor, dict]:
+         beta: float, reduction: str = "mean") -> tuple[torch.Tensor, dict]:
     """Diffusion-DPO loss, mean over the batch; every input is a per-sample MSE of shape (B,).
 
     ``−log σ(−β/2·((e_θw − e_θl) − (e_rw − e_rl)))``. The reference errors carry no gradient.
@@ -67,10 +69,11 @@ def loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: torch.
     model_diff = model_err_w - model_err_l  # (B,) < 0 when the policy fits the winner better
     ref_diff = (ref_err_w - ref_err_l).detach()  # (B,)
     inside = -0.5 * beta * (model_diff - ref_diff)  # (B,)
-    out = -F.logsigmoid(inside).mean()
+    rows = -F.logsigmoid(inside)  # (B,)
+    out = rows if reduction == "none" else rows.mean()
     with torch.no_grad():
         metrics = {
-            "loss": out.item(),
+            "loss": rows.mean().item(),
             "implicit_acc": (inside > 0).float().mean().item(),
             "reward_margin": inside.mean().item(),
             "model_diff": model_diff.mean().item(),
@@ -120,3 +123,38 @@ def pair_errors(velocity, x_w: torch.Tensor, x_l: torch.Tensor, noise: torch.Ten
     v = velocity(torch.cat([xs_w, xs_l]), torch.cat([sigma, sigma]))  # (2B, C, H, W)
     err = velocity_errors(v, torch.cat([t_w, t_l]))  # (2B,)
     return err.chunk(2)
+
+
+@register_algorithm("diffusion_dpo")
+class DiffusionDPO(Algorithm):
+    """Diffusion-DPO on image pairs: one optimizer update per step over the step's pairs."""
+
+    family = "flow"
+    data = "pairs"
+    config = DiffusionDPOConfig
+
+    def uses_reference(self, lora: bool) -> bool:
+        return True
+
+    def update(self, ctx: LearnerContext, batch: ImagePairs) -> dict:
+        k, dev = self.cfg.noise_draws, ctx.device
+        draws = [draw_noise(batch.chosen[i:i + 1].expand(k, *batch.chosen.shape[1:]), self.cfg,
+                            row_generator(batch.seed, int(batch.rows[i]))) for i in range(len(batch))]
+        chunk = ctx.micro_batch_size or len(batch)
+        acc = Accumulator()
+        ctx.policy.train()
+        for lo in range(0, len(batch), chunk):
+            idx = list(range(lo, min(lo + chunk, len(batch))))
+            rep = [i for i in idx for _ in range(k)]  # k (ε, σ) draws per pair, in one forward
+            prompts = [batch.prompts[i] for i in rep]
+            x_w, x_l = batch.chosen[rep].to(dev), batch.rejected[rep].to(dev)  # (b·k, C, H, W)
+            noise = torch.cat([draws[i][0] for i in idx]).to(dev, x_w.dtype)
+            sigma = torch.cat([draws[i][1] for i in idx]).to(dev)
+            with torch.no_grad(), ctx.reference() as ref:
+                r_w, r_l = pair_errors(ref.velocity_fn(prompts + prompts), x_w, x_l, noise, sigma)
+            e_w, e_l = pair_errors(lambda x, s: ctx.engine(prompts + prompts, x, s, 1.0), x_w, x_l, noise, sigma)
+            rows, m = loss(e_w, e_l, r_w, r_l, self.cfg.beta, reduction="none")  # (b·k,)
+            w = batch.weight[rep].to(dev) / k
+            ctx.engine.backward((rows * w).sum() / batch.global_size)
+            acc.add(m, float(w.sum()))
+        return {**acc.mean(), "grad_norm": ctx.engine.step()}

@@ -14,26 +14,37 @@ from dataclasses import dataclass
 
 import torch
 
-from rlgen.registry import register_algorithm
+from rlgen.algos.advantages import group_advantages
+from rlgen.algos.base import Accumulator, AlgoConfig, Algorithm, LearnerContext, register_algorithm
+from rlgen.batches import ImageRollout
+from rlgen.config import check_choice, check_range
+from rlgen.samplers.flow import sde_step
 
 
 @dataclass
-class FlowGRPOConfig:
+class FlowGRPOConfig(AlgoConfig):
+    name: str = "flow_grpo"
     clip_range: float = 1e-4          # PPO ε on the ratio of per-dimension-mean log-probs (paper: 1e-4)
     adv_clip_max: float = 5.0         # advantages clamped to ±this
     kl_beta: float = 0.01             # weight of KL(policy step ‖ reference step); 0 disables the reference
     log_prob_reduction: str = "mean"  # "mean": per-dimension mean (the paper's small clip range); "sum"
     kl_reduction: str = "mean"        # "mean" over dimensions (as flow_grpo's code) or "sum"
-    noise_level: float = 0.7          # SDE noise a in std_σ = a·sqrt(σ/(1−σ))
     global_std: bool = False          # advantages normalised by the batch std instead of the group's
     adv_eps: float = 1e-4
+    num_inner_epochs: int = 1         # passes over each rollout batch (each reshuffles)
+    num_minibatches: int = 1          # optimizer updates per pass: the rank's samples split this many ways
+    timestep_fraction: float = 1.0    # train on this fraction of the SDE steps (same subset per iteration)
 
     def __post_init__(self):
         for name in ("log_prob_reduction", "kl_reduction"):
-            if getattr(self, name) not in ("mean", "sum"):
-                raise ValueError(f"{name} must be 'mean' or 'sum', got {getattr(self, name)!r}")
-        if self.clip_range <= 0:
-            raise ValueError(f"clip_range must be > 0, got {self.clip_range}")
+            check_choice(self, name, ("mean", "sum"))
+        check_range(self, "clip_range", lo=0, lo_open=True)
+        check_range(self, "adv_clip_max", lo=0, lo_open=True)
+        check_range(self, "kl_beta", lo=0)
+        check_range(self, "adv_eps", lo=0)
+        check_range(self, "num_inner_epochs", lo=1)
+        check_range(self, "num_minibatches", lo=1)
+        check_range(self, "timestep_fraction", lo=0, hi=1, lo_open=True)
 
 
 def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -75,7 +86,6 @@ def reduce_over_dims(per_sample_sum: torch.Tensor, num_dims: int, reduction: str
     return per_sample_sum / num_dims if reduction == "mean" else per_sample_sum
 
 
-@register_algorithm("flow_grpo")
 def step_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
               mean: torch.Tensor | None, ref_mean: torch.Tensor | None, std: torch.Tensor | float,
               num_dims: int, cfg: FlowGRPOConfig) -> tuple[torch.Tensor, dict]:
@@ -96,3 +106,121 @@ def step_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: to
         metrics["kl"] = kl.item()
     metrics["loss"] = loss.item()
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# The learner update
+# ----------------------------------------------------------------------------------------------
+def num_train_steps(num_sde_steps: int, timestep_fraction: float) -> int:
+    """How many of an iteration's SDE steps are trained on (Flow-GRPO: int(S·fraction), at least 1)."""
+    return max(1, min(num_sde_steps, int(num_sde_steps * timestep_fraction + 1e-9)))
+
+
+def choose_train_steps(sde_mask: torch.Tensor, timestep_fraction: float, generator: torch.Generator) -> list[int]:
+    """Sorted step indices to train on: a random subset of the SDE steps (one per iteration)."""
+    sde = torch.nonzero(sde_mask.cpu()).flatten()  # (S_sde,)
+    if len(sde) == 0:
+        raise ValueError("the rollout has no SDE steps (sde_mask is all False): nothing to train on")
+    k = num_train_steps(len(sde), timestep_fraction)
+    pick = torch.randperm(len(sde), generator=generator)[:k]
+    return sorted(sde[pick].tolist())
+
+
+def _check_batch(batch: ImageRollout, micro: int, minibatches: int) -> None:
+    if batch.advantages is None:
+        raise ValueError("the rollout has no advantages: compute them (group_advantages) before training")
+    if not torch.isfinite(batch.advantages).all():
+        raise ValueError("the rollout's advantages contain NaN/inf (NaN rewards must map to advantage 0)")
+    if len(batch) % micro or (len(batch) // micro) % minibatches:
+        raise ValueError(f"{len(batch)} samples on this rank do not split into {minibatches} mini-batches of "
+                         f"micro-batches of {micro} (learner.micro_batch_size)")
+    if batch.noise_level <= 0:
+        raise ValueError(f"the rollout was sampled with noise_level={batch.noise_level}: ODE steps have no log-prob")
+
+
+@register_algorithm("flow_grpo")
+class FlowGRPO(Algorithm):
+    """Flow-GRPO (Liu et al. 2025, arXiv:2505.05470) on a flow policy's SDE rollouts.
+
+    An inner epoch shuffles the rank's samples and splits them into ``num_minibatches``
+    mini-batches, one optimizer update each (PPO-style). Every (micro-batch × train step) pair of a
+    mini-batch is one backward; the update follows the gradient of the mean per-step loss over the
+    mini-batch's samples and the iteration's train steps. Later mini-batches are scored by an
+    already-moved policy, so the ratio and its clip matter even in the first epoch.
+    """
+
+    family = "flow"
+    config = FlowGRPOConfig
+    rollout_fields = ("latents", "log_probs", "sigmas", "sde_mask", "advantages")
+
+    def check_job(self, job) -> None:
+        """The step's samples must split into learner shards of whole mini-batches of micro-batches."""
+        n = job.prompts.per_step * job.prompts.group_size
+        k, micro, mbs = job.learner.num_learners, job.learner.micro_batch_size, self.cfg.num_minibatches
+        per_rank = n // k
+        if n % k or (micro and per_rank % micro) or (per_rank // (micro or per_rank)) % mbs:
+            raise ValueError(f"{n} samples per step (prompts.per_step × group_size) must split into "
+                             f"learner.num_learners={k} shards of algo.num_minibatches={mbs} mini-batches of "
+                             f"learner.micro_batch_size={micro or per_rank} samples")
+
+    def advantages(self, batch):
+        batch.advantages = group_advantages(batch.rewards, batch.group_ids, self.cfg.adv_eps, self.cfg.global_std)
+        return batch
+
+    def step_loss(self, ctx: LearnerContext, mb: ImageRollout, j: int, out, ref_mean, x) -> tuple[torch.Tensor, dict]:
+        """Loss of step j on one micro-batch (subclasses change this; on-policy distillation does)."""
+        old_lp, adv = mb.log_probs[:, j].to(x.device), mb.advantages.to(x.device).float()
+        return step_loss(out.log_prob, old_lp, adv, out.mean, ref_mean, out.std, x[0].numel(), self.cfg)
+
+    def _micro_batch_step(self, ctx: LearnerContext, mb: ImageRollout, j: int, scale: float) -> dict:
+        """Loss of train step j (σ_j → σ_{j+1}) on one micro-batch, scaled; one backward."""
+        policy = ctx.policy
+        dev, dtype = policy.device, policy.dtype
+        x = mb.latents[:, j].to(dev)  # (b, C, H, W) fp32: the stored state before the step
+        x_next = mb.latents[:, j + 1].to(dev)  # (b, C, H, W): the sampled state it is scored on
+        sigma = mb.sigmas[j].to(dev).expand(len(mb))  # (b,) the sampler fed the model exactly this
+        s, s_next = float(mb.sigmas[j]), float(mb.sigmas[j + 1])
+        ref_mean = None
+        if self.cfg.kl_beta > 0:  # before the policy's forward: nothing runs between its forward and backward
+            with torch.no_grad(), ctx.reference() as ref:
+                v_ref = ref.velocity_fn(mb.prompts, mb.cfg_scale)(x.to(dtype).contiguous(), sigma)
+                ref_mean = sde_step(x, v_ref, s, s_next, mb.noise_level, prev_sample=x_next).mean
+        self.before_forward(ctx, mb, x, x_next, sigma, s, s_next)
+        v = ctx.engine(mb.prompts, x.to(dtype).contiguous(), sigma, mb.cfg_scale)  # (b, C, H, W)
+        out = sde_step(x, v, s, s_next, mb.noise_level, prev_sample=x_next)
+        loss, metrics = self.step_loss(ctx, mb, j, out, ref_mean, x)
+        ctx.engine.backward(loss / scale)
+        return metrics
+
+    def before_forward(self, ctx, mb, x, x_next, sigma, s, s_next) -> None:
+        """Hook for no-grad work on the state before the trained forward (e.g. a teacher's step)."""
+
+    def update(self, ctx: LearnerContext, batch: ImageRollout) -> dict:
+        """``num_inner_epochs × num_minibatches`` optimizer updates on this rank's share of a rollout.
+
+        The train steps are drawn from the step seed (the same on every rank); each inner epoch
+        then shuffles this rank's samples. Metrics are averaged over all (micro-batch, step)
+        losses, grad_norm over the updates.
+        """
+        c = self.cfg
+        micro = ctx.micro_batch_size or len(batch)
+        _check_batch(batch, micro, c.num_minibatches)
+        generator = torch.Generator().manual_seed(int(batch.seed))
+        steps = choose_train_steps(batch.sde_mask, c.timestep_fraction, generator)
+        n_micro = len(batch) // micro
+        per_update = n_micro // c.num_minibatches
+        # each backward is 1/(micro-batches per update × train steps) of the update's mean loss
+        scale = float(per_update * len(steps))
+        acc, grad_norms = Accumulator(), []
+        ctx.policy.train()
+        for _ in range(c.num_inner_epochs):
+            order = torch.randperm(len(batch), generator=generator)  # (B,) this epoch's sample order
+            for m in range(n_micro):
+                mb = batch.select(order[m * micro:(m + 1) * micro])
+                for j in steps:
+                    acc.add(self._micro_batch_step(ctx, mb, j, scale))
+                if (m + 1) % per_update == 0:
+                    grad_norms.append(ctx.engine.step())
+        metrics = acc.mean()
+        metrics.update(grad_norm=sum(grad_norms) / len(grad_norms), num_train_steps=len(steps), samples=len(batch))
+        return metrics

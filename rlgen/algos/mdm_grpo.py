@@ -30,11 +30,17 @@ from typing import Callable
 
 import torch
 
+from rlgen.algos.advantages import group_advantages
+from rlgen.algos.base import Accumulator, AlgoConfig, Algorithm, LearnerContext, register_algorithm
+from rlgen.batches import TextBucket, TextRollout, row_generator
+from rlgen.config import FieldError, check_choice, check_range
 from rlgen.samplers.masked import model_logits
+from rlgen.utils import derive_seed
 
 
 @dataclass
-class MDMGRPOConfig:
+class MDMGRPOConfig(AlgoConfig):
+    name: str = "mdm_grpo"
     estimator: str = "d1"          # d1 | coupled | trajectory (see module docstring)
     prompt_mask_p: float = 0.15    # d1: probability of masking each prompt token
     coupled_t_min: float = 0.2     # coupled: masking ratio of view 1 drawn from U[t_min, t_max]
@@ -46,13 +52,15 @@ class MDMGRPOConfig:
     skip_uniform_groups: bool = True  # drop groups whose rewards are all equal (zero advantage)
 
     def __post_init__(self):  # fail at config load, not after the first rollout
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"algo.estimator {self.estimator!r} is unknown (known: {', '.join(sorted(ESTIMATORS))})")
+        check_choice(self, "estimator", sorted(ESTIMATORS))
         if not 0.0 <= self.coupled_t_min <= self.coupled_t_max <= 1.0:
-            raise ValueError(f"need 0 <= coupled_t_min ({self.coupled_t_min}) <= coupled_t_max "
-                             f"({self.coupled_t_max}) <= 1")
-        if self.inner_iterations < 1:
-            raise ValueError(f"algo.inner_iterations must be >= 1, got {self.inner_iterations}")
+            raise FieldError("coupled_t_min", f"need 0 <= coupled_t_min ({self.coupled_t_min}) <= coupled_t_max "
+                                              f"({self.coupled_t_max}) <= 1")
+        check_range(self, "prompt_mask_p", lo=0, hi=1)
+        check_range(self, "clip_range", lo=0, lo_open=True)
+        check_range(self, "kl_beta", lo=0)
+        check_range(self, "adv_clip_max", lo=0, lo_open=True)
+        check_range(self, "inner_iterations", lo=1)
 
 
 @dataclass
@@ -151,10 +159,11 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, token_mask: torch.Tensor,
                 clip_range: float, ref_logp: torch.Tensor | None = None, kl_beta: float = 0.0,
-                adv_clip_max: float = 5.0) -> tuple[torch.Tensor, dict]:
+                adv_clip_max: float = 5.0, reduction: str = "mean") -> tuple[torch.Tensor, dict]:
     """d1/GRPO loss: per-token PPO-clip + β·k3 KL, averaged over each row's scored tokens, then rows.
 
-    logp, old_logp, ref_logp, token_mask (B, G); advantages (B,). Returns (loss, metrics floats).
+    logp, old_logp, ref_logp, token_mask (B, G); advantages (B,). Returns (loss, metrics floats);
+    ``reduction="none"`` returns the per-row losses (B,) instead of their mean.
     """
     adv = advantages.clamp(-adv_clip_max, adv_clip_max)[:, None]  # (B, 1)
     m = token_mask.float()
@@ -167,7 +176,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         kl = k3_kl(logp, ref_logp)
         per_token = per_token + kl_beta * kl
     n_tok = m.sum(dim=1).clamp_min(1.0)  # (B,)
-    loss = ((per_token * m).sum(dim=1) / n_tok).mean()
+    row_loss = (per_token * m).sum(dim=1) / n_tok  # (B,)
+    loss = row_loss if reduction == "none" else row_loss.mean()
     with torch.no_grad():
         total = m.sum().clamp_min(1.0)
         metrics = {"clip_frac": float(((clipped > unclipped).float() * m).sum() / total),
@@ -185,3 +195,83 @@ def mixed_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor
         r = rewards[rows]
         keep[rows] = bool((r.max() - r.min()).abs() > 1e-12) if r.numel() else False
     return keep
+
+
+# ----------------------------------------------------------------------------------------------
+# The algorithm
+# ----------------------------------------------------------------------------------------------
+def bucket_plan(cfg: MDMGRPOConfig, b: TextBucket, mask_id: int, seed: int) -> ScorePlan:
+    """The estimator's plan for a bucket; random estimators draw each row from (seed, row id), so a
+    row gets the same plan whichever rank (and micro-batch) it lands in."""
+    if cfg.estimator == "trajectory":  # deterministic: one call for the bucket
+        return make_plan(cfg, b.tokens, b.order, b.prompt_length, mask_id)
+    rows = [make_plan(cfg, b.tokens[r:r + 1], b.order[r:r + 1], b.prompt_length, mask_id,
+                      row_generator(seed, int(b.rows[r]))) for r in range(len(b))]
+    return ScorePlan(torch.cat([p.inputs for p in rows], dim=1), torch.cat([p.view for p in rows]), b.prompt_length)
+
+
+def plan_rows(plan: ScorePlan, lo: int, hi: int) -> ScorePlan:
+    return ScorePlan(plan.inputs[:, lo:hi], plan.view[lo:hi], plan.prompt_length)
+
+
+@register_algorithm("mdm_grpo")
+class MDMGRPO(Algorithm):
+    """GRPO for masked-diffusion LMs (d1: Zhao et al. 2025, arXiv:2504.12216; coupled: Gong et al.
+    2025, arXiv:2506.20639): per-token PPO-clip on an estimated log-prob plus a k3 KL, with
+    group-relative advantages; groups whose rewards are all equal carry no signal and are dropped
+    (``skip_uniform_groups``). Each inner iteration draws a fresh plan, shared by policy, old
+    policy and reference (d1's shared mask seed)."""
+
+    family = "masked_lm"
+    config = MDMGRPOConfig
+    rollout_fields = ("buckets", "advantages")
+
+    def advantages(self, batch: TextRollout) -> TextRollout:
+        batch.advantages = group_advantages(batch.rewards, batch.group_ids)  # (N,)
+        if self.cfg.skip_uniform_groups:
+            return batch.keep_rows(mixed_groups(batch.rewards, batch.group_ids))
+        return batch
+
+    def update(self, ctx: LearnerContext, batch: TextRollout) -> dict:
+        a, policy = self.cfg, ctx.policy
+        dev, banned = ctx.device, (policy.mask_id, policy.pad_id)
+        if not batch.buckets:
+            return {"kept_frac": 0.0}
+        chunk = ctx.micro_batch_size or max(len(b) for b in batch.buckets)
+        plans = [[bucket_plan(a, b, policy.mask_id, derive_seed(batch.seed, i)) for b in batch.buckets]
+                 for i in range(a.inner_iterations)]
+        # old policy = the policy before this iteration's first step (step 0 scores itself, detached)
+        with torch.no_grad():
+            olds = [[None if i == 0 else plan_logprobs(policy, p, b.tokens.to(dev), banned)
+                     for p, b in zip(plans[i], batch.buckets)] for i in range(a.inner_iterations)]
+            refs = [[self._ref_logprobs(ctx, p, b, banned) for p, b in zip(plans[i], batch.buckets)]
+                    for i in range(a.inner_iterations)]
+        acc, norms = Accumulator(), []
+        policy.eval()  # no dropout: old and new log-probs of one plan must agree before the update
+        for i in range(a.inner_iterations):
+            for p, b, old, ref in zip(plans[i], batch.buckets, olds[i], refs[i]):
+                for lo in range(0, len(b), chunk):
+                    hi = min(lo + chunk, len(b))
+                    acc.add(self._backward(ctx, batch, b, plan_rows(p, lo, hi), lo, hi, old, ref, banned),
+                            float(b.weight[lo:hi].sum()))
+            norms.append(ctx.engine.step())
+        return {**acc.mean(), "grad_norm": sum(norms) / len(norms)}
+
+    def _ref_logprobs(self, ctx, plan, b, banned):
+        if self.cfg.kl_beta <= 0:
+            return None
+        with ctx.reference() as ref:
+            return plan_logprobs(ref, plan, b.tokens.to(ctx.device), banned)
+
+    def _backward(self, ctx, batch, b, plan, lo, hi, old, ref, banned) -> dict:
+        a, dev = self.cfg, ctx.device
+        tokens = b.tokens[lo:hi].to(dev)
+        lp = plan_logprobs(ctx.engine, ScorePlan(plan.inputs.to(dev), plan.view.to(dev), plan.prompt_length),
+                           tokens, banned)  # (b, G) through the trained forward
+        old = lp.detach() if old is None else old[lo:hi]
+        adv = batch.advantages[b.rows[lo:hi]].to(dev).float()  # (b,)
+        rows, m = policy_loss(lp, old, adv, plan.token_mask.to(dev), a.clip_range, None if ref is None else ref[lo:hi],
+                              a.kl_beta, a.adv_clip_max, reduction="none")
+        w = b.weight[lo:hi].to(dev)
+        ctx.engine.backward((rows * w).sum() / batch.global_size)
+        return {"loss": float((rows * w).sum() / w.sum().clamp_min(1.0)), **m}

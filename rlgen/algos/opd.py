@@ -24,12 +24,19 @@ reverse KL (:func:`sequence_kl_loss`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from rlgen.algos.flow_grpo import FlowGRPOConfig, kl_to_ref, reduce_over_dims, step_loss
-from rlgen.registry import register_algorithm
+from rlgen.algos.advantages import group_advantages
+from rlgen.algos.base import Accumulator, AlgoConfig, Algorithm, LearnerContext, TeacherSpec, register_algorithm
+from rlgen.algos.flow_grpo import FlowGRPO, FlowGRPOConfig, kl_to_ref, reduce_over_dims, step_loss
+from rlgen.algos.mdm_grpo import plan_logprobs, trajectory_plan
+from rlgen.batches import TextRollout
+from rlgen.config import FieldError, check_choice, check_range
+from rlgen.samplers.flow import sde_step
+from rlgen.samplers.masked import model_logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -39,21 +46,24 @@ from rlgen.registry import register_algorithm
 class FlowOPDConfig(FlowGRPOConfig):
     """Flow-GRPO's fields (used by the optional reward term and the sampler) plus the teacher."""
 
+    name: str = "flow_opd"
     teacher: str = "rlgen/assets/flow_shapes_base"  # checkpoint or run folder of the teacher
     teacher_cfg_scale: float = 4.0   # CFG of the teacher's velocity (the student samples at rollout.cfg_scale)
     distill_weight: float = 1.0      # weight of KL(student step ‖ teacher step)
     reward_weight: float = 0.0       # weight of Flow-GRPO's clipped reward term (0 = pure distillation)
     kl_beta: float = 0.0             # KL to the reference: off by default (the teacher anchors the student)
 
+    eval_teacher: bool = True        # score the teacher once at step 0 (the held-out gap the student should close)
+
     def __post_init__(self):
         super().__post_init__()
-        if self.distill_weight < 0 or self.reward_weight < 0:
-            raise ValueError(f"distill_weight ({self.distill_weight}) and reward_weight ({self.reward_weight}) "
-                             f"must be >= 0")
+        check_range(self, "distill_weight", lo=0)
+        check_range(self, "reward_weight", lo=0)
+        check_range(self, "teacher_cfg_scale", lo=0)
         if self.distill_weight == 0 and self.reward_weight == 0:
-            raise ValueError("distill_weight and reward_weight are both 0: nothing to train")
+            raise FieldError("distill_weight", "and reward_weight are both 0: nothing to train")
         if not self.teacher:
-            raise ValueError("algo.teacher is empty: name the teacher checkpoint")
+            raise FieldError("teacher", "is empty: name the teacher checkpoint")
 
 
 def velocity_kl_weight(sigma: float, sigma_next: float, noise_level: float) -> float:
@@ -67,7 +77,6 @@ def velocity_kl_weight(sigma: float, sigma_next: float, noise_level: float) -> f
     return c * c * (sigma - sigma_next) / (2.0 * std2)
 
 
-@register_algorithm("flow_opd")
 def image_step_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                     mean: torch.Tensor, teacher_mean: torch.Tensor, ref_mean: torch.Tensor | None,
                     std: torch.Tensor | float, num_dims: int, cfg: FlowOPDConfig) -> tuple[torch.Tensor, dict]:
@@ -96,9 +105,10 @@ def image_step_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantag
 # Text
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class MDMOPDConfig:
+class MDMOPDConfig(AlgoConfig):
     """Masked-diffusion OPD: which states, which divergence, and an optional reward term."""
 
+    name: str = "mdm_opd"
     teacher: str = "rlgen/assets/mdm_arith_teacher"  # masked-diffusion checkpoint, or an HF causal-LM folder
     teacher_kind: str = "mdm"        # mdm: exact reverse KL at each visited state | vllm: AR teacher's token log-probs
     states: str = "trajectory"       # trajectory: every decoding step's state | final: only the all-masked start
@@ -107,15 +117,19 @@ class MDMOPDConfig:
     inner_iterations: int = 1        # gradient steps per rollout batch
     teacher_temperature: float = 1.0  # the teacher's logits are divided by this
 
+    eval_teacher: bool = True        # score the teacher once at step 0 (masked-diffusion teachers)
+
     def __post_init__(self):
-        if self.teacher_kind not in ("mdm", "vllm"):
-            raise ValueError(f"algo.teacher_kind must be 'mdm' or 'vllm', got {self.teacher_kind!r}")
-        if self.states not in ("trajectory", "final"):
-            raise ValueError(f"algo.states must be 'trajectory' or 'final', got {self.states!r}")
-        if self.inner_iterations < 1 or self.teacher_temperature <= 0:
-            raise ValueError("algo.inner_iterations must be >= 1 and algo.teacher_temperature > 0")
-        if self.distill_weight < 0 or self.reward_weight < 0 or self.distill_weight + self.reward_weight == 0:
-            raise ValueError("algo.distill_weight and algo.reward_weight must be >= 0, not both 0")
+        check_choice(self, "teacher_kind", ("mdm", "vllm"))
+        check_choice(self, "states", ("trajectory", "final"))
+        check_range(self, "inner_iterations", lo=1)
+        check_range(self, "teacher_temperature", lo=0, lo_open=True)
+        check_range(self, "distill_weight", lo=0)
+        check_range(self, "reward_weight", lo=0)
+        if self.distill_weight + self.reward_weight == 0:
+            raise FieldError("distill_weight", "and reward_weight are both 0: nothing to train")
+        if not self.teacher:
+            raise FieldError("teacher", "is empty: name the teacher checkpoint")
 
 
 def visited_states(tokens: torch.Tensor, order: torch.Tensor, prompt_length: int, mask_id: int
@@ -158,8 +172,8 @@ def masked_mean_per_row(per_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return (per_pos * m).sum(dim=(0, 2)) / m.sum(dim=(0, 2)).clamp_min(1.0)
 
 
-def sequence_kl_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, token_mask: torch.Tensor
-                     ) -> tuple[torch.Tensor, dict]:
+def sequence_kl_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, token_mask: torch.Tensor,
+                     reduction: str = "mean") -> tuple[torch.Tensor, dict]:
     """Reverse-KL policy gradient from sampled answers only (the teacher gives log p_t of their tokens).
 
     student_logp (B, G) with grad: log p_s of each token at the state the student chose it in, so
@@ -169,11 +183,133 @@ def sequence_kl_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, tok
     two factorise in different orders (decoding order vs left to right), so the per-sequence gap,
     not a per-position one, weights every token's score; a leave-one-out mean of the other rows'
     gaps is subtracted (a baseline independent of the row: unbiased, lower variance).
+    ``reduction="none"`` returns the per-row terms (B,).
     """
     m = token_mask.to(student_logp.dtype)
     s_seq = (student_logp * m).sum(dim=1)  # (B,) log p_s(y)
     gap = s_seq.detach() - (teacher_logp * m).sum(dim=1)  # (B,) one-sample KL estimate per answer
     B = gap.shape[0]
     baseline = (gap.sum() - gap) / (B - 1) if B > 1 else torch.zeros_like(gap)
-    loss = ((gap - baseline) * s_seq).mean()
-    return loss, {"distill_kl": float(gap.mean())}
+    rows = (gap - baseline) * s_seq
+    return (rows if reduction == "none" else rows.mean()), {"distill_kl": float(gap.mean())}
+
+
+# ----------------------------------------------------------------------------------------------
+# The algorithms
+# ----------------------------------------------------------------------------------------------
+@register_algorithm("flow_opd")
+class FlowOPD(FlowGRPO):
+    """On-policy distillation of a flow policy: Flow-GRPO's loop, the step KL to a teacher as loss."""
+
+    config = FlowOPDConfig
+    min_group_size = 1
+
+    def teacher(self) -> TeacherSpec:
+        opts = {"cfg": self.cfg.teacher_cfg_scale} if self.cfg.eval_teacher else None
+        return TeacherSpec(self.cfg.teacher, "policy", opts)
+
+    def before_forward(self, ctx, mb, x, x_next, sigma, s, s_next) -> None:
+        with torch.no_grad():  # the teacher's step from the same state, at its own guidance scale
+            v_t = ctx.teacher.velocity_fn(mb.prompts, self.cfg.teacher_cfg_scale)(x.to(ctx.policy.dtype).contiguous(),
+                                                                                   sigma)
+            self._teacher_mean = sde_step(x, v_t, s, s_next, mb.noise_level, prev_sample=x_next).mean
+
+    def step_loss(self, ctx, mb, j, out, ref_mean, x):
+        old_lp, adv = mb.log_probs[:, j].to(x.device), mb.advantages.to(x.device).float()
+        return image_step_loss(out.log_prob, old_lp, adv, out.mean, self._teacher_mean, ref_mean, out.std,
+                               x[0].numel(), self.cfg)
+
+
+@register_algorithm("mdm_opd")
+class MDMOPD(Algorithm):
+    """On-policy distillation of a masked-diffusion LM: exact reverse KL to a masked-diffusion
+    teacher at every state the student visited, or a sequence-level estimator for an
+    autoregressive teacher's token log-probs (served by vLLM); optionally plus a GRPO term."""
+
+    family = "masked_lm"
+    config = MDMOPDConfig
+    rollout_fields = ("buckets",)
+    min_group_size = 1
+
+    def teacher(self) -> TeacherSpec:
+        mdm = self.cfg.teacher_kind == "mdm"
+        return TeacherSpec(self.cfg.teacher, "policy" if mdm else "vllm", {} if mdm and self.cfg.eval_teacher else None)
+
+    def uses_reference(self, lora: bool) -> bool:
+        return False
+
+    def setup(self, ctx: LearnerContext) -> None:
+        t, s = ctx.teacher, ctx.policy
+        if self.cfg.teacher_kind == "vllm":
+            t.check_vocab(len(s.tokenizer.get_vocab()))
+        elif t.tokenizer.get_vocab() != s.tokenizer.get_vocab() or t.mask_id != s.mask_id:
+            raise ValueError(f"teacher {self.cfg.teacher}: its tokenizer (or mask id) differs from the student's; "
+                             f"on-policy distillation compares distributions over the same token ids")
+
+    def advantages(self, batch: TextRollout) -> TextRollout:
+        batch.advantages = group_advantages(batch.rewards, batch.group_ids)
+        return batch
+
+    @torch.no_grad()
+    def _targets(self, ctx, b) -> dict:
+        """What the update needs from one bucket, computed once per step."""
+        a, dev, mask_id = self.cfg, ctx.device, ctx.policy.mask_id
+        tokens, order, P = b.tokens.to(dev), b.order.to(dev), b.prompt_length
+        out = {"tokens": tokens}
+        if a.teacher_kind == "mdm":
+            states, masked = visited_states(tokens, order, P, mask_id)  # (n, B, L), (n, B, G)
+            if a.states == "final":
+                states, masked = states[:1], masked[:1]
+            n, B, L = states.shape
+            t = model_logits(ctx.teacher, states.reshape(n * B, L))[:, P:].float() / a.teacher_temperature
+            out.update(states=states, masked=masked, teacher=t.reshape(n, B, L - P, -1))
+        else:
+            out["teacher_lp"] = ctx.teacher.token_logprobs(b.tokens, P).to(dev)  # (B, G)
+        if a.teacher_kind == "vllm" or a.reward_weight > 0:
+            out["plan"] = trajectory_plan(None, tokens, order, P, mask_id)
+        return out
+
+    def _row_loss(self, ctx, batch, b, t: dict, lo: int, hi: int) -> tuple[torch.Tensor, dict]:
+        a, P, banned = self.cfg, b.prompt_length, (ctx.policy.mask_id, ctx.policy.pad_id)
+        rows = torch.zeros(hi - lo, device=ctx.device)
+        m = {}
+        if a.teacher_kind == "mdm":
+            states, masked = t["states"][:, lo:hi], t["masked"][:, lo:hi]
+            n, B, L = states.shape
+            s = model_logits(ctx.engine, states.reshape(n * B, L))[:, P:]
+            kl = token_reverse_kl(s.reshape(n, B, L - P, -1), t["teacher"][:, lo:hi], banned)  # (n, B, G)
+            kl_rows = masked_mean_per_row(kl, masked)  # (B,)
+            rows = rows + a.distill_weight * kl_rows
+            m["distill_kl"] = float(kl_rows.mean().detach())
+        lp = None
+        if "plan" in t:
+            plan = t["plan"]
+            sub = type(plan)(plan.inputs[:, lo:hi], plan.view[lo:hi], P)
+            lp = plan_logprobs(ctx.engine, sub, t["tokens"][lo:hi], banned)  # (B, G) at each decision state
+        if a.teacher_kind == "vllm":
+            seq, dm = sequence_kl_loss(lp, t["teacher_lp"][lo:hi], sub.token_mask, reduction="none")
+            rows, m = rows + a.distill_weight * seq, {**m, **dm}
+        if a.reward_weight > 0:  # REINFORCE with group advantages on the exact trajectory log-prob
+            mask = sub.token_mask.float()
+            seq_lp = (lp * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B,)
+            adv = batch.advantages[b.rows[lo:hi]].to(ctx.device).float()
+            rows = rows - a.reward_weight * adv * seq_lp
+        return rows, m
+
+    def update(self, ctx: LearnerContext, batch: TextRollout) -> dict:
+        targets = [self._targets(ctx, b) for b in batch.buckets]
+        chunk = ctx.micro_batch_size or max(len(b) for b in batch.buckets)
+        acc, norms = Accumulator(), []
+        for _ in range(self.cfg.inner_iterations):
+            for b, t in zip(batch.buckets, targets):
+                for lo in range(0, len(b), chunk):
+                    hi = min(lo + chunk, len(b))
+                    rows, m = self._row_loss(ctx, batch, b, t, lo, hi)
+                    w = b.weight[lo:hi].to(ctx.device)
+                    ctx.engine.backward((rows * w).sum() / batch.global_size)
+                    acc.add({"loss": float((rows * w).sum() / w.sum().clamp_min(1.0)), **m}, float(w.sum()))
+            gn = ctx.engine.step()
+            if not math.isfinite(gn):  # stop before a NaN step wrecks the weights; checkpoints stay intact
+                raise FloatingPointError(f"non-finite gradient norm ({gn}) in the distillation loss")
+            norms.append(gn)
+        return {**acc.mean(), "grad_norm": sum(norms) / len(norms)}

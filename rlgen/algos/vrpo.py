@@ -26,12 +26,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rlgen.registry import register_algorithm
-from rlgen.samplers.likelihood import ALLOCATIONS, FORMS, elbo_from_plan, make_mask_plan
+from rlgen.algos.base import Accumulator, AlgoConfig, Algorithm, LearnerContext, register_algorithm
+from rlgen.batches import TextPairs, row_generator
+from rlgen.config import check_choice, check_range
+from rlgen.samplers.likelihood import ALLOCATIONS, FORMS, MaskPlan, elbo_from_plan, make_mask_plan
 
 
 @dataclass
-class VRPOConfig:
+class VRPOConfig(AlgoConfig):
+    name: str = "vrpo"
     beta: float = 0.1               # DPO β on ELBO log-ratios (sequence-level, as DPO's log-probs)
     n_samples: int = 8              # sampling budget n per ELBO (LLaDA 1.5 uses 8)
     allocation: str = "optimal"     # optimal: n stratified timesteps, one mask each | naive: i.i.d.
@@ -40,19 +43,15 @@ class VRPOConfig:
     samples_per_forward: int = 0    # 0 = all n samples in one forward batch
 
     def __post_init__(self):
-        if self.beta <= 0:
-            raise ValueError(f"algo.beta must be > 0, got {self.beta}")
-        if self.n_samples < 1:
-            raise ValueError(f"algo.n_samples must be >= 1, got {self.n_samples}")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"algo.allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if self.form not in FORMS:
-            raise ValueError(f"algo.form must be one of {FORMS}, got {self.form!r}")
+        check_range(self, "beta", lo=0, lo_open=True)
+        check_range(self, "n_samples", lo=1)
+        check_choice(self, "allocation", ALLOCATIONS)
+        check_choice(self, "form", FORMS)
+        check_range(self, "samples_per_forward", lo=0)
 
 
-@register_algorithm("vrpo")
 def dpo_loss(elbo_w: torch.Tensor, elbo_l: torch.Tensor, ref_elbo_w: torch.Tensor, ref_elbo_l: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, dict]:
+             beta: float, reduction: str = "mean") -> tuple[torch.Tensor, dict]:
     """DPO on ELBO estimates, mean over the batch; every input is (B,).
 
     ``−log σ(β·((B_θw − B_rw) − (B_θl − B_rl)))``; the reference ELBOs carry no gradient.
@@ -65,10 +64,11 @@ def dpo_loss(elbo_w: torch.Tensor, elbo_l: torch.Tensor, ref_elbo_w: torch.Tenso
     chosen = elbo_w - ref_elbo_w.detach()  # (B,) log-ratio estimate of the winner
     rejected = elbo_l - ref_elbo_l.detach()  # (B,)
     score = beta * (chosen - rejected)  # (B,) the estimated preference score
-    out = -F.logsigmoid(score).mean()
+    rows = -F.logsigmoid(score)  # (B,)
+    out = rows if reduction == "none" else rows.mean()
     with torch.no_grad():
         metrics = {
-            "loss": out.item(),
+            "loss": rows.mean().item(),
             "implicit_acc": (score > 0).float().mean().item(),
             "reward_margin": score.mean().item(),
             "chosen_reward": (beta * chosen).mean().item(),
@@ -81,14 +81,16 @@ def dpo_loss(elbo_w: torch.Tensor, elbo_l: torch.Tensor, ref_elbo_w: torch.Tenso
 
 def preference_elbos(policy, ref, prompt_ids: torch.Tensor, chosen_ids: torch.Tensor, rejected_ids: torch.Tensor,
                      mask_id: int, cfg: VRPOConfig, generator: torch.Generator | None = None,
-                     chosen_mask: torch.Tensor | None = None, rejected_mask: torch.Tensor | None = None):
+                     chosen_mask: torch.Tensor | None = None, rejected_mask: torch.Tensor | None = None,
+                     plans: tuple[MaskPlan, MaskPlan] | None = None):
     """(B_θw, B_θl, B_rw, B_rl), each (B,): the four ELBO estimates of one batch of pairs.
 
     ``prompt_ids`` (B, P); ``chosen_ids``/``rejected_ids`` (B, L) (pad both to one L); optional
     ``*_mask`` (B, L) bool mark real answer tokens. Winner and loser rows go through each model in
     ONE forward (2B rows), so a training engine sees one forward per backward. The policy keeps
     autograd; the reference runs under no_grad. With ``cfg.antithetic`` the reference reuses the
-    policy's mask plan, otherwise it draws its own.
+    policy's mask plan, otherwise it draws its own. ``plans`` (policy plan, reference plan) over the
+    2B rows replaces the draws (e.g. :func:`pair_plans`, drawn per pair).
     """
     B, L = chosen_ids.shape
     if tuple(rejected_ids.shape) != (B, L) or prompt_ids.shape[0] != B:
@@ -107,10 +109,10 @@ def preference_elbos(policy, ref, prompt_ids: torch.Tensor, chosen_ids: torch.Te
                               answer_mask=answer_mask, device=answers.device)
 
     chunk = cfg.samples_per_forward or None
-    policy_plan = plan()
+    policy_plan = plans[0] if plans is not None else plan()
     elbo = elbo_from_plan(policy, prompts, answers, policy_plan, mask_id, samples_per_forward=chunk)  # (2B,)
     with torch.no_grad():
-        ref_plan = policy_plan if cfg.antithetic else plan()
+        ref_plan = plans[1] if plans is not None else policy_plan if cfg.antithetic else plan()
         ref_elbo = elbo_from_plan(ref, prompts, answers, ref_plan, mask_id, samples_per_forward=chunk)  # (2B,)
     e_w, e_l = elbo.chunk(2)
     r_w, r_l = ref_elbo.chunk(2)
@@ -127,3 +129,55 @@ def preference_score(policy, ref, prompt_ids, chosen_ids, rejected_ids, mask_id:
         e_w, e_l, r_w, r_l = preference_elbos(policy, ref, prompt_ids, chosen_ids, rejected_ids, mask_id, cfg,
                                               generator)
     return cfg.beta * ((e_w - r_w) - (e_l - r_l))
+
+
+def pair_plans(rows: torch.Tensor, seed: int, answer_len: int, cfg: VRPOConfig, device=None) -> tuple[MaskPlan, MaskPlan]:
+    """(policy plan, reference plan) over 2B rows (chosen rows, then rejected rows), each pair drawn
+    from its own generator (seed, row id): the same draws on whichever rank the pair lands."""
+    def draw(gen):
+        return make_mask_plan(2, answer_len, cfg.n_samples, gen, form=cfg.form, allocation=cfg.allocation)
+
+    pol, ref = [], []
+    for r in rows.tolist():
+        gen = row_generator(seed, r)
+        p = draw(gen)
+        pol.append(p)
+        ref.append(p if cfg.antithetic else draw(gen))
+
+    def stack(plans: list[MaskPlan]) -> MaskPlan:
+        order = [0] * len(plans) + [1] * len(plans)  # chosen rows first, then rejected rows
+        pick = lambda name: torch.stack([getattr(p, name)[:, j] for j, p in zip(order, plans + plans)], 1)  # noqa: E731
+        return MaskPlan(pick("masks").to(device), pick("weights").to(device), pick("t").to(device), cfg.form)
+
+    return stack(pol), stack(ref)
+
+
+@register_algorithm("vrpo")
+class VRPO(Algorithm):
+    """VRPO (LLaDA 1.5): DPO on variance-reduced ELBO estimates of text pairs."""
+
+    family = "masked_lm"
+    data = "pairs"
+    config = VRPOConfig
+
+    def uses_reference(self, lora: bool) -> bool:
+        return True
+
+    def update(self, ctx: LearnerContext, batch: TextPairs) -> dict:
+        dev, policy = ctx.device, ctx.policy
+        acc = Accumulator()
+        policy.train()
+        for b in batch.buckets:
+            chunk = ctx.micro_batch_size or len(b)
+            for lo in range(0, len(b), chunk):
+                hi = min(lo + chunk, len(b))
+                w, l = b.chosen_ids[lo:hi].to(dev), b.rejected_ids[lo:hi].to(dev)  # (b, L)
+                plans = pair_plans(b.rows[lo:hi], batch.seed, w.shape[1], self.cfg, dev)
+                with ctx.reference() as ref:
+                    e_w, e_l, r_w, r_l = preference_elbos(ctx.engine, ref, b.prompt_ids[lo:hi].to(dev), w, l,
+                                                          policy.mask_id, self.cfg, plans=plans)
+                rows, m = dpo_loss(e_w, e_l, r_w, r_l, self.cfg.beta, reduction="none")
+                wt = b.weight[lo:hi].to(dev)
+                ctx.engine.backward((rows * wt).sum() / batch.global_size)
+                acc.add(m, float(wt.sum()))
+        return {**acc.mean(), "grad_norm": ctx.engine.step()}

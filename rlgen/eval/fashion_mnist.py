@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from rlgen.data.fashion_mnist import CLASSES, PROMPTS, FashionMNIST, class_from_prompt, class_prompt
-from rlgen.eval.flow_common import FlowSampling, flow_sampling_from, generate_images, load_flow_policy, settings_dict
+from rlgen.eval.flow_common import (SAMPLING_OPTIONS, FlowSampling, attach_grid, check_flow_policy, flow_sampling_from,
+                                    generate_images, settings_dict)
 from rlgen.eval.metrics import frechet_distance, mean_pairwise_distance
 from rlgen.registry import register_benchmark
 
@@ -149,12 +150,7 @@ def quality_report(model, images: torch.Tensor, labels: torch.Tensor, real: torc
     return FashionReference(model, real, real_labels).report(images, labels)
 
 
-@register_benchmark("fashion_mnist")
-def fashion_mnist_benchmark(req) -> dict:
-    opts = dict(req.options)
-    clf_path = opts.pop("classifier", None)
-    clip_path = opts.pop("clip", None)   # e.g. rlgen/assets/clip_fashion_mnist: adds clip_accuracy
-    k = req.samples_per_prompt or DEFAULT_SAMPLES_PER_PROMPT
+def _labels(req) -> list[int]:
     if req.prompts:
         lines = [ln.strip() for ln in Path(req.prompts).read_text().splitlines() if ln.strip()]
         labels = []
@@ -163,22 +159,36 @@ def fashion_mnist_benchmark(req) -> dict:
                 labels.append(class_from_prompt(ln))
             except ValueError as e:
                 raise ValueError(f"{req.prompts}:{i}: {e}") from e
-    else:
-        labels = list(range(len(CLASSES)))
+        return labels
+    return list(range(len(CLASSES)))
+
+
+_REFERENCES: dict = {}  # classifier path → FashionReference: an RL run's worker computes the test features once
+
+
+@register_benchmark("fashion_mnist")
+def fashion_mnist_benchmark(req, policy) -> dict:
+    opts = dict(req.options)
+    clf_path = opts.pop("classifier", None)
+    clip_path = opts.pop("clip", None)   # e.g. rlgen/assets/clip_fashion_mnist: adds clip_accuracy
+    k = req.samples_per_prompt or DEFAULT_SAMPLES_PER_PROMPT
+    labels = _labels(req)
     sampling = flow_sampling_from(opts, FlowSampling())
-    policy = load_flow_policy(req.checkpoint, req.device)
+    check_flow_policy(policy, "fashion_mnist")
     prompts = [class_prompt(y) for y in labels for _ in range(k)]
     images = generate_images(policy, prompts, sampling, req.seed, req.batch_size, req.progress)
-    ref = FashionReference.load(clf_path)
+    if clf_path not in _REFERENCES:
+        _REFERENCES[clf_path] = FashionReference.load(clf_path)
+    ref = _REFERENCES[clf_path]
     label_t = torch.tensor([y for y in labels for _ in range(k)])
     result = ref.report(images, label_t)
     if clip_path:
         result.update(clip_accuracy(images, label_t, clip_path))
     result.update(settings_dict(sampling, k))
-    if req.grid is not None:
-        from rlgen.viz import save_image_grid
-
-        idx = [i * k + j for i in range(len(labels)) for j in range(min(8, k))]
-        save_image_grid(images[idx], req.grid, nrow=min(8, k), captions=[prompts[i] for i in idx], scale=3)
-        result["grid"] = str(req.grid)
+    idx = [i * k + j for i in range(len(labels)) for j in range(min(8, k))]
+    attach_grid(req, result, images, prompts, idx, nrow=min(8, k), scale=3)
     return result
+
+
+fashion_mnist_benchmark.options = {*SAMPLING_OPTIONS, "classifier", "clip"}
+fashion_mnist_benchmark.prepare = _labels

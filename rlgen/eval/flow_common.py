@@ -5,9 +5,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rlgen.utils import resolve_device
 
-_KNOWN = {"steps", "cfg", "noise_level", "shift", "grid_size"}
+SAMPLING_OPTIONS = {"steps", "cfg", "noise_level", "shift"}
 
 
 @dataclass
@@ -15,27 +14,36 @@ class FlowSampling:
     steps: int = 20
     cfg: float = 1.0
     noise_level: float = 0.0   # 0 = Euler ODE (deterministic given the start noise)
-    shift: float = 1.0
+    shift: float | None = None  # σ-grid shift; None = the model's own (1.0 for rlgen's pixel models)
 
 
 def flow_sampling_from(options: dict, defaults: FlowSampling | None = None) -> FlowSampling:
-    unknown = set(options) - _KNOWN
+    unknown = set(options) - SAMPLING_OPTIONS
     if unknown:
-        raise ValueError(f"unknown image-benchmark option(s) {sorted(unknown)}; valid: {sorted(_KNOWN)}")
+        raise ValueError(f"unknown image-benchmark option(s) {sorted(unknown)}; valid: {sorted(SAMPLING_OPTIONS)}")
     s = defaults or FlowSampling()
     return FlowSampling(steps=int(options.get("steps", s.steps)), cfg=float(options.get("cfg", s.cfg)),
                         noise_level=float(options.get("noise_level", s.noise_level)),
-                        shift=float(options.get("shift", s.shift)))
+                        shift=float(options["shift"]) if "shift" in options else s.shift)
 
 
-def load_flow_policy(checkpoint, device: str):
-    from rlgen.models import load_model
-    from rlgen.models.flow import FlowPolicy
+def check_flow_policy(policy, benchmark: str) -> None:
+    if getattr(policy, "family", None) != "flow":
+        raise ValueError(f"the {benchmark} benchmark scores flow image models; this checkpoint holds a "
+                         f"{type(policy).__name__}")
 
-    model = load_model(checkpoint, device=str(resolve_device(device)))
-    if not isinstance(model, FlowPolicy):
-        raise ValueError(f"{checkpoint}: holds a {type(model).__name__}, not a flow image model")
-    return model.eval()
+
+def attach_grid(req, result: dict, images: torch.Tensor, captions: list[str], idx: list[int], nrow: int,
+                scale: int = 4) -> None:
+    """Write ``req.grid`` (a PNG of samples ``idx``) and/or put them in the result (``req.return_samples``)."""
+    if req.grid is not None:
+        from rlgen.viz import save_image_grid
+
+        save_image_grid(images[idx], req.grid, nrow=nrow, captions=[captions[i] for i in idx], scale=scale)
+        result["grid"] = str(req.grid)
+    if getattr(req, "return_samples", False):
+        result["samples"] = {"images": images[idx].float().numpy(), "captions": [captions[i] for i in idx],
+                             "nrow": nrow}
 
 
 @torch.no_grad()

@@ -12,8 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from rlgen.data.shapes import PromptError, heldout_prompts, parse_prompt
-from rlgen.eval.flow_common import (FlowSampling, flow_sampling_from, generate_images, load_flow_policy,
-                                    settings_dict)
+from rlgen.eval.flow_common import (SAMPLING_OPTIONS, FlowSampling, attach_grid, check_flow_policy,
+                                    flow_sampling_from, generate_images, settings_dict)
 from rlgen.registry import register_benchmark
 
 FORM_TO_TASK = {"single": "single_object", "pair": "two_object", "count": "counting", "position": "position"}
@@ -53,25 +53,31 @@ def score_images(images, prompts: list[str], tasks: list[str]) -> dict:
             "mean_score": sum(scores) / len(scores), "n": len(passed)}
 
 
+def _items(req) -> list[tuple[str, str]]:
+    n = int(req.options.get("prompts_per_task", 32))
+    if n < 1:
+        raise ValueError(f"shapes benchmark: prompts_per_task must be ≥ 1, got {n}")
+    return read_prompt_file(req.prompts) if req.prompts else heldout_prompts(n)
+
+
 @register_benchmark("shapes")
-def shapes_benchmark(req) -> dict:
-    items = read_prompt_file(req.prompts) if req.prompts else heldout_prompts()
+def shapes_benchmark(req, policy) -> dict:
+    items = _items(req)
     k = req.samples_per_prompt or DEFAULT_SAMPLES_PER_PROMPT
     if k < 1:
         raise ValueError(f"--samples-per-prompt must be ≥ 1, got {k}")
-    sampling = flow_sampling_from(req.options, FlowSampling())
-    policy = load_flow_policy(req.checkpoint, req.device)
+    sampling = flow_sampling_from({o: v for o, v in req.options.items() if o != "prompts_per_task"}, FlowSampling())
+    check_flow_policy(policy, "shapes")
     prompts = [p for p, _ in items for _ in range(k)]
     tasks = [t for _, t in items for _ in range(k)]
     images = generate_images(policy, prompts, sampling, req.seed, req.batch_size, req.progress)
     result = score_images(images, prompts, tasks)
     result.update(settings_dict(sampling, k), prompts=len(items),
                   prompt_source=str(req.prompts) if req.prompts else "builtin:heldout_prompts")
-    if req.grid is not None:
-        from rlgen.viz import save_image_grid
-
-        firsts = list(range(0, len(images), k))  # the first sample of each prompt
-        idx = firsts[::max(1, len(firsts) // 64)][:64]  # spread over every task type
-        save_image_grid(images[idx], req.grid, nrow=8, captions=[prompts[i] for i in idx], scale=4)
-        result["grid"] = str(req.grid)
+    firsts = list(range(0, len(images), k))  # the first sample of each prompt
+    attach_grid(req, result, images, prompts, firsts[::max(1, len(firsts) // 64)][:64], nrow=8, scale=4)
     return result
+
+
+shapes_benchmark.options = {*SAMPLING_OPTIONS, "prompts_per_task"}
+shapes_benchmark.prepare = _items

@@ -135,22 +135,16 @@ def benchmark_problems(task: str, problems_path=None, options: dict | None = Non
 
 
 def _benchmark(task: str):
-    def run(req) -> dict:
-        from rlgen.models import load_model
-        from rlgen.utils import resolve_device
+    def prepare(req) -> list[dict]:
+        return benchmark_problems(task, req.problems, req.options)
 
-        unknown = set(req.options) - set(DECODE_DEFAULTS) - set(SET_DEFAULTS)
-        if unknown:
-            raise ValueError(f"{task} benchmark: unknown option(s) {sorted(unknown)}; "
-                             f"known: {sorted(DECODE_DEFAULTS) + sorted(SET_DEFAULTS)}")
-        problems = benchmark_problems(task, req.problems, req.options)  # a bad file fails before the model loads
-        device = resolve_device(req.device)
-        model = load_model(req.checkpoint, device=str(device)).eval()
-        if not hasattr(model, "mask_id"):
-            raise ValueError(f"{req.checkpoint}: holds a {type(model).__name__}, not a masked-diffusion text model; "
-                             f"the {task} benchmark needs one")
+    def run(req, model) -> dict:
+        problems = prepare(req)
+        if getattr(model, "family", None) != "masked_lm":
+            raise ValueError(f"the {task} benchmark scores masked-diffusion text models; this checkpoint holds a "
+                             f"{type(model).__name__}")
         settings = {**DECODE_DEFAULTS, **{k: v for k, v in req.options.items() if k in DECODE_DEFAULTS}}
-        gen = torch.Generator(device=device).manual_seed(req.seed)
+        gen = torch.Generator(device=model.device).manual_seed(req.seed)
         k = req.samples_per_prompt or 1
         result = score_problems(model, problems, settings, req.batch_size, k, gen, req.progress)
         result["settings"] = {**settings, "samples_per_prompt": k, "batch_size": req.batch_size,
@@ -159,6 +153,8 @@ def _benchmark(task: str):
         return result
 
     run.__name__ = f"{task}_benchmark"
+    run.options = {*DECODE_DEFAULTS, *SET_DEFAULTS}
+    run.prepare = prepare
     return run
 
 

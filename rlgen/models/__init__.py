@@ -42,8 +42,15 @@ def read_model_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_model(path: str | Path, device: str = "cpu"):
-    """Load any rlgen model from a checkpoint folder or a run folder (→ latest checkpoint)."""
+def load_model(path: str | Path, device: str = "cpu", **options):
+    """Load a policy from an rlgen checkpoint folder or a run folder (→ latest checkpoint).
+
+    ``options`` (``trust_remote_code``, ``dtype``, a family's load options …) go to the model
+    class's ``from_pretrained`` where it takes them; ``trust_remote_code`` only ever comes from
+    the caller, never from a file in the folder.
+    """
+    import inspect
+
     from rlgen.registry import MODELS
     from rlgen.runtime.rundir import CheckpointError, resolve_checkpoint
 
@@ -56,9 +63,32 @@ def load_model(path: str | Path, device: str = "cpu"):
         cls = MODELS.get(meta["model_type"])
     except Exception as e:  # RegistryError, or an import error of a 'module:attr' model type
         raise ModelLoadError(f"{ckpt / MODEL_META}: model_type {meta['model_type']!r}: {e}") from e
+    params = inspect.signature(cls.from_pretrained).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in options.items() if v is not None and (takes_all or k in params)}
     try:
-        return cls.from_pretrained(ckpt, device=device)
+        return cls.from_pretrained(ckpt, device=device, **kwargs)
     except ModelLoadError:
         raise
     except Exception as e:  # safetensors, transformers and diffusers raise many types for a bad file
         raise ModelLoadError(f"{ckpt}: cannot load {meta['model_type']} model: {type(e).__name__}: {e}") from e
+
+
+def detect_family(path: str | Path) -> str:
+    """The model family of a folder, from its metadata files alone (no weights are read)."""
+    from rlgen.registry import MODELS
+    from rlgen.runtime.rundir import CheckpointError, resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(path)
+    except CheckpointError as e:
+        raise ModelLoadError(str(e)) from e
+    meta = read_model_meta(ckpt)
+    try:
+        cls = MODELS.get(meta["model_type"])
+    except Exception as e:
+        raise ModelLoadError(f"{ckpt / MODEL_META}: model_type {meta['model_type']!r}: {e}") from e
+    family = getattr(cls, "family", None)
+    if family is None:
+        raise ModelLoadError(f"{ckpt}: {meta['model_type']} models are not policies of a trainable family")
+    return family

@@ -205,11 +205,39 @@ BACKBONES: dict[str, type] = {"unet": UNetBackbone, "sd3": SD3Backbone}
 # ----------------------------------------------------------------------------------------------
 @register_model("flow_policy")
 class FlowPolicy(nn.Module):
-    """Backbone + prompt encoder + tokenizer; the generator every image RL algorithm trains."""
+    """Backbone + prompt encoder + tokenizer; the generator every image RL algorithm trains.
+
+    A policy of the ``flow`` family (rlgen/families/flow.py): pixels are its sample space, so
+    ``decode`` is the identity and ``sigmas`` SD3's shifted grid.
+    """
+
+    family = "flow"
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # the backbone's attention projections
 
     def __init__(self, config: FlowModelConfig, backbone: nn.Module, text_encoder: PromptEncoder, tokenizer):
         super().__init__()
         self.config, self.backbone, self.text_encoder, self.tokenizer = config, backbone, text_encoder, tokenizer
+
+    def lora_module(self) -> nn.Module:
+        """The diffusers model peft adapters attach to (UNet2DConditionModel, SD3Transformer…)."""
+        for child in self.backbone.children():
+            if hasattr(child, "add_adapter"):
+                return child
+        raise TypeError(f"{type(self.backbone).__name__} holds no diffusers model with add_adapter()")
+
+    def sigmas(self, num_steps: int, shift: float | None = None) -> torch.Tensor:
+        """(num_steps + 1,) σ grid from 1 to 0 (SD3's shift; 1.0 = uniform) on this policy's device."""
+        from rlgen.samplers.flow import sigma_schedule
+
+        return sigma_schedule(num_steps, 1.0 if shift is None else shift, device=self.device)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixel model: the sample is the image."""
+        return x
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
 
     @classmethod
     def build(cls, config: FlowModelConfig) -> "FlowPolicy":
@@ -268,13 +296,13 @@ class FlowPolicy(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], num_steps: int = 20, cfg_scale: float = 1.0,
-                 noise_level: float = 0.0, shift: float = 1.0, generator: torch.Generator | None = None,
+                 noise_level: float = 0.0, shift: float | None = None, generator: torch.Generator | None = None,
                  batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1]: Euler ODE (noise_level 0) or Flow-GRPO's SDE (> 0)."""
-        from rlgen.samplers.flow import sample, sigma_schedule
+        from rlgen.samplers.flow import sample
 
         dev = self.device
-        sigmas = sigma_schedule(num_steps, shift, device=dev)
+        sigmas = self.sigmas(num_steps, shift)
         step_gen = generator
         if generator is not None and generator.device != dev:  # SDE noise is drawn on x's device
             step_gen = torch.Generator(dev).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))

@@ -32,7 +32,17 @@ from rlgen.registry import register_model
 
 @register_model("masked_lm")
 class MaskedDiffusionLM(nn.Module):
-    """``forward(input_ids (B, L), attention_mask=None) -> logits (B, L, V)``, plus token ids."""
+    """``forward(input_ids (B, L), attention_mask=None) -> logits (B, L, V)``, plus token ids.
+
+    A policy of the ``masked_lm`` family (rlgen/families/masked_lm.py).
+    """
+
+    family = "masked_lm"
+    # BERT-style self-attention projections; Llama-style models name theirs q_proj/k_proj/v_proj/o_proj
+    default_lora_targets = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj")
+
+    def lora_module(self) -> nn.Module:
+        return self.net
 
     def __init__(self, net: nn.Module, tokenizer, mask_id: int, pad_id: int | None = None,
                  eos_id: int | None = None, trust_remote_code: bool = False):
@@ -91,12 +101,13 @@ class MaskedDiffusionLM(nn.Module):
         return model.to(device).eval()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "MaskedDiffusionLM":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        trust_remote_code: bool = False) -> "MaskedDiffusionLM":
         meta = read_model_meta(path)
         if meta["model_type"] != "masked_lm":
             raise ModelLoadError(f"{path}/{MODEL_META}: model_type is {meta['model_type']!r}, not 'masked_lm'")
-        model = cls.from_hf(path, mask_id=meta["mask_id"], device=device,
-                            trust_remote_code=bool(meta.get("trust_remote_code", False)))
+        # trust_remote_code comes from the caller only: a folder must not switch on its own code
+        model = cls.from_hf(path, mask_id=meta["mask_id"], device=device, trust_remote_code=trust_remote_code)
         model.pad_id, model.eos_id = meta.get("pad_id", model.pad_id), meta.get("eos_id", model.eos_id)
         return model
 

@@ -37,9 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    mod, fn = TRAINERS[cfg.kind].split(":")
-    getattr(importlib.import_module(mod), fn)(cfg)
+    run_pretraining(cfg)
     return 0
+
+
+def run_pretraining(cfg):
+    """Run the pretraining job ``cfg`` (its ``kind`` picks the trainer); returns what the trainer returns."""
+    mod, fn = TRAINERS[cfg.kind].split(":")
+    return getattr(importlib.import_module(mod), fn)(cfg)
 
 
 if __name__ == "__main__":

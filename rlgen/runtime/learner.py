@@ -1,207 +1,113 @@
-"""The learner group: K data-parallel DeepSpeed ranks in Ray actors, and weight sync to rollouts.
+"""The learner group: K data-parallel DeepSpeed ranks in Ray actors, for every algorithm and family.
 
-``LearnerGroup`` (driver side) starts K ``FlowLearner`` actors in one placement group; each joins a
-torch.distributed group (gloo on CPU, nccl on CUDA) and wraps the policy in a DeepSpeed engine
-(ZeRO 0-3). ``train(batch)`` gives rank i the i-th equal shard; DeepSpeed averages gradients over
-ranks, so K ranks on B/K samples take the same step as one rank on B (tests/runtime/test_learner.py).
-
-Everything DeepSpeed-specific sits in ``DeepSpeedStrategy``; the Flow-GRPO math is
-``rlgen.runtime.flow_update.flow_grpo_update``; the actor only wires them together.
+``LearnerGroup`` (driver side) starts K ``Learner`` actors in one placement group; each joins a
+torch.distributed group (gloo on CPU, nccl on CUDA), loads the policy through its family, adds
+LoRA or keeps a frozen reference copy when the algorithm needs one, loads the algorithm's teacher,
+and wraps the family's train module in a DeepSpeed engine (ZeRO 0-3). ``train(batch)`` gives rank
+i the i-th shard (``batch.shard(K)``) and calls the registered algorithm's ``update``; the loss
+scaling in rlgen/runtime/engine.py makes K ranks take the step one rank takes
+(tests/runtime/test_learner.py).
 
 Weight sync: ``get_weights() -> (version, {name: np.ndarray})`` holds the parameters that train —
-all of them for full fine-tuning; for LoRA only the adapter's ``lora_A``/``lora_B`` (not merged),
-named as in a policy that went through ``apply_lora`` — and rollout workers copy them in place with
-``load_numpy_weights``. numpy arrays travel through Ray's object store zero-copy.
+all of them under full fine-tuning, the adapter's ``lora_A``/``lora_B`` under LoRA — and rollout
+workers copy them in place (rlgen/runtime/weight_sync.py).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import logging
-import os
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from rlgen.algos.flow_grpo import FlowGRPOConfig
+from rlgen.algos.base import LearnerContext, TeacherSpec, get_algorithm
+from rlgen.families import LoraSpec, family_of
 from rlgen.runtime.actor_group import RayActorGroup
-from rlgen.runtime.batches import ImageRollout, state_dict_to_numpy
-from rlgen.runtime.flow_update import (LearnerConfig, PolicyVelocity, apply_lora, flow_grpo_update, grad_accum_steps,
-                                       merge_lora)
-
-DS_SUBDIR, DS_TAG = "deepspeed", "state"
+from rlgen.runtime.engine import DeepSpeedStrategy, OptimConfig, load_numpy_weights, trainable_parameters
 
 
-def load_numpy_weights(module: nn.Module, state: dict[str, np.ndarray], strict: bool = True) -> None:
-    """Copy ``state`` into ``module``'s parameters in place (same tensors, no reallocation).
+@dataclass
+class LearnerSpec:
+    """Everything a learner rank needs to build itself (picklable: it travels to the actors)."""
 
-    Every key must name a parameter of the same shape (dtype/device are converted). ``strict``:
-    every parameter must be given; ``strict=False`` allows a subset (a LoRA adapter's weights).
-    Nothing is copied unless all keys and shapes check out.
-    """
-    params = dict(module.named_parameters())
-    unexpected = sorted(set(state) - set(params))
-    missing = sorted(set(params) - set(state)) if strict else []
-    if unexpected or missing:
-        raise KeyError(f"weights do not match {type(module).__name__}: unexpected {unexpected[:5]}"
-                       f"{'…' if len(unexpected) > 5 else ''} ({len(unexpected)}), missing {missing[:5]}"
-                       f"{'…' if len(missing) > 5 else ''} ({len(missing)})")
-    bad = [f"{k}: {tuple(v.shape)} vs {tuple(params[k].shape)}" for k, v in state.items()
-           if tuple(v.shape) != tuple(params[k].shape)]
-    if bad:
-        raise ValueError(f"shape mismatch (given vs parameter): {'; '.join(bad[:5])}")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # Ray's zero-copy arrays are read-only; we only read
-        for k, v in state.items():
-            params[k].copy_(torch.from_numpy(np.asarray(v)))
+    policy_path: str
+    load_options: dict[str, Any]
+    lora: LoraSpec
+    algo_cfg: Any
+    optim: OptimConfig
+    zero_stage: int = 2
+    zero3_persistence_threshold: int = 100_000
+    micro_batch_size: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    num_threads: int = 1
+    extra: dict = field(default_factory=dict)
 
 
-def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+def load_teacher(spec: TeacherSpec, device, dtype, load_options: dict):
+    """The frozen model an algorithm asked for: a policy of any family, or an AR LM on vLLM."""
+    if spec.kind == "vllm":
+        from rollouts.vllm_engine import VLLMTeacher
+
+        return VLLMTeacher(spec.path)
+    from rlgen.models import load_model
+
+    model = load_model(spec.path, device=str(device), **load_options)
+    return model.to(dtype).requires_grad_(False).eval()
 
 
-class DeepSpeedStrategy:
-    """DeepSpeed behind one object: process group, engine config, ZeRO-3 gathering, checkpoints."""
+class Learner:
+    """One data-parallel learner rank (a Ray actor: ``RayActorGroup`` applies ray.remote)."""
 
-    def __init__(self, cfg: LearnerConfig, gradient_accumulation_steps: int, rank: int, world_size: int):
-        self.cfg, self.gas, self.rank, self.world_size = cfg, gradient_accumulation_steps, rank, world_size
-        self.cuda = torch.cuda.is_available()
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, spec: LearnerSpec):
+        import rlgen  # noqa: F401  (torchvision compatibility in this process)
+        from rlgen.models import load_model
 
-    def init_distributed(self, master_addr: str, master_port: int) -> None:
-        # One process per actor: Ray shows each actor only its own GPU, so the local rank is 0.
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
-        if not self.cuda:
-            os.environ["DS_ACCELERATOR"] = "cpu"
-        import deepspeed
-
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        if self.cuda:
-            torch.cuda.set_device(0)
-        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", auto_mpi_discovery=False)
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cuda", 0) if self.cuda else torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.cfg.bf16 and self.cuda else torch.float32
-
-    def ds_config(self) -> dict:
-        c = self.cfg
-        zero = {"stage": c.zero_stage}
-        if c.zero_stage == 3:
-            zero["stage3_param_persistence_threshold"] = c.zero3_persistence_threshold
-        return {
-            "train_micro_batch_size_per_gpu": c.micro_batch_size,
-            "gradient_accumulation_steps": self.gas,  # every (micro-batch × train step) backward
-            "train_batch_size": c.micro_batch_size * self.gas * self.world_size,
-            "gradient_clipping": c.grad_clip,
-            "zero_optimization": zero,
-            "optimizer": {"type": "AdamW", "params": {"lr": c.lr, "betas": list(c.betas), "eps": c.adam_eps,
-                                                      "weight_decay": c.weight_decay, "torch_adam": True}},
-            "bf16": {"enabled": self.dtype == torch.bfloat16},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
-
-    def prepare(self, model: nn.Module):
-        """The DeepSpeed engine around ``model`` (only its trainable parameters are optimised)."""
-        import deepspeed
-
-        params = [p for _, p in trainable_parameters(model)]
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config())
-        return engine
-
-    def gather_numpy(self, named: list[tuple[str, nn.Parameter]], bucket_numel: int = 2**26) -> dict | None:
-        """Full fp32 copies of ``named`` on rank 0 (None elsewhere). Collective: all ranks must call.
-
-        Under ZeRO-3 each rank holds 1/K of every parameter: ``GatheredParameters`` all-gathers a
-        bucket (≤ bucket_numel elements) at a time, rank 0 copies it out, and leaving the context
-        partitions it again, so peak memory is one bucket, not the model.
-        """
-        if self.cfg.zero_stage < 3:
-            return state_dict_to_numpy({n: p.detach().clone() for n, p in named}) if self.rank == 0 else None
-        import deepspeed
-
-        out, bucket, size = {}, [], 0
-        for i, (name, p) in enumerate(named):
-            bucket.append((name, p))
-            size += p.ds_numel
-            if size >= bucket_numel or i == len(named) - 1:
-                with deepspeed.zero.GatheredParameters([q for _, q in bucket], modifier_rank=None):
-                    if self.rank == 0:  # clone: the gathered storage is freed on exit
-                        out.update(state_dict_to_numpy({n: q.detach().clone() for n, q in bucket}))
-                bucket, size = [], 0
-        return out if self.rank == 0 else None
-
-    def save(self, engine, path: Path, client_state: dict) -> None:
-        engine.save_checkpoint(str(path / DS_SUBDIR), tag=DS_TAG, client_state=client_state)
-
-    def load(self, engine, path: Path) -> dict:
-        load_path, client_state = engine.load_checkpoint(str(path / DS_SUBDIR), tag=DS_TAG)
-        if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint '{DS_TAG}' under {path / DS_SUBDIR}")
-        return client_state or {}
-
-
-class FlowLearner:
-    """One data-parallel Flow-GRPO learner rank (a Ray actor: ``RayActorGroup`` applies ray.remote).
-
-    ``batch_size`` is the global samples per iteration and ``num_sde_steps`` the SDE steps per
-    trajectory: together with the config they fix DeepSpeed's accumulation count up front.
-    """
-
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, policy_path: str,
-                 learner_cfg: LearnerConfig, algo_cfg: FlowGRPOConfig, batch_size: int, num_sde_steps: int,
-                 num_threads: int = 1):
-        from rlgen.models.flow import FlowPolicy
-
-        cfg = learner_cfg
-        torch.set_num_threads(max(1, num_threads))  # the actor's CPU share, not the machine's core count
-        self.cfg, self.algo, self.policy_path = cfg, algo_cfg, str(policy_path)
-        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.strategy = DeepSpeedStrategy(cfg, grad_accum_steps(cfg, batch_size, num_sde_steps), rank, world_size)
+        torch.set_num_threads(max(1, spec.num_threads))  # the actor's CPU share, not the machine's core count
+        self.spec, self.rank, self.world_size = spec, rank, world_size
+        self.strategy = DeepSpeedStrategy(spec.zero_stage, spec.optim, rank, world_size, spec.bf16,
+                                          spec.zero3_persistence_threshold)
         self.strategy.init_distributed(master_addr, master_port)
-        torch.manual_seed(cfg.seed)  # LoRA's random A init must agree across ranks
-        policy = FlowPolicy.from_pretrained(self.policy_path, device=self.strategy.device).to(self.strategy.dtype)
+        torch.manual_seed(spec.seed)  # LoRA's random A init must agree across ranks
+        dev, dtype = self.strategy.device, self.strategy.dtype
+        policy = load_model(spec.policy_path, device=str(dev), **spec.load_options).to(dtype)
+        self.family = family_of(policy)
+        self.algo = get_algorithm(spec.algo_cfg.name)(spec.algo_cfg)
         self.ref_policy = None
-        if cfg.lora_rank > 0:  # the reference is the adapter-disabled base: no second copy
-            apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        elif algo_cfg.kl_beta > 0:  # copied before DeepSpeed partitions (ZeRO-3) the policy
+        if spec.lora.enabled:  # the reference is the adapter-disabled base: no second copy
+            self.family.add_lora(policy, spec.lora)
+        elif self.algo.uses_reference(False):  # copied before DeepSpeed partitions (ZeRO-3) the policy
             self.ref_policy = copy.deepcopy(policy).requires_grad_(False).eval()
+        if spec.gradient_checkpointing:
+            self.family.enable_gradient_checkpointing(policy)
         self.policy = policy
-        self.teacher = self._load_teacher(algo_cfg)
-        self.engine = self.strategy.prepare(PolicyVelocity(policy))
+        t = self.algo.teacher()
+        teacher = load_teacher(t, dev, dtype, spec.load_options) if t is not None else None
+        self.engine = self.strategy.prepare(self.family.train_module(policy))
+        self.ctx = LearnerContext(policy, self.engine, self._reference, teacher, rank, world_size,
+                                  spec.micro_batch_size)
+        self.algo.setup(self.ctx)
         self.version = 0
+        self._export = None
 
-    def _load_teacher(self, algo_cfg) -> nn.Module | None:
-        """The frozen teacher of on-policy distillation (``algo.teacher``), or None for Flow-GRPO."""
-        teacher = getattr(algo_cfg, "teacher", "")
-        if not teacher:
-            return None
-        from rlgen.models.flow import FlowPolicy
-        from rlgen.runtime.rundir import resolve_checkpoint
-
-        model = FlowPolicy.from_pretrained(str(resolve_checkpoint(teacher)), device=self.strategy.device)
-        return model.to(self.strategy.dtype).requires_grad_(False).eval()
+    def _reference(self):
+        if self.spec.lora.enabled:
+            return self.family.adapters_disabled(self.policy)
+        if self.ref_policy is None:
+            raise ValueError(f"algorithm {self.algo.name} asked for the reference policy but uses_reference() "
+                             f"said it would not")
+        return contextlib.nullcontext(self.ref_policy)
 
     def get_version(self) -> int:
         return self.version
 
-    def train(self, batch: ImageRollout) -> dict:
-        """One Flow-GRPO iteration on this rank's shard: ``num_inner_epochs`` optimizer updates."""
-        want = self.batch_size // self.world_size
-        if len(batch) != want:
-            raise ValueError(f"learner rank {self.rank} got {len(batch)} samples, configured for {want} "
-                             f"(batch_size {self.batch_size} / {self.world_size} ranks)")
-        # Seeded by (seed, version) alone: every rank draws the same train steps.
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.version)
-        metrics = flow_grpo_update(self.policy, self.ref_policy, batch, self.algo, self.cfg, self.engine, gen,
-                                   self.teacher)
+    def train(self, batch) -> dict:
+        """One step of the algorithm on this rank's shard."""
+        metrics = self.algo.update(self.ctx, batch)
         self.version += 1
         return metrics
 
@@ -214,58 +120,55 @@ class FlowLearner:
         return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.policy.parameters())
 
     def save(self, path: str) -> None:
-        """``path``: a loadable model folder (rank 0; LoRA merged in) + ``deepspeed/`` (all ranks:
-        weights and optimizer state for ``load``). Ranks must share the filesystem. Collective."""
+        """``path``: a policy folder ``load_model`` loads on its own (rank 0) + ``deepspeed/`` (all
+        ranks: trainable weights and optimizer state, for ``load``). Ranks share the filesystem or
+        the driver collects the folder (rlgen/runtime/storage.py). Collective."""
         path = Path(path)
         _, weights = self.get_weights()
         if self.rank == 0:
-            self._export(weights).save_pretrained(path)
+            self.family.save(self._export_policy(weights), path, self.spec.lora)
         self.strategy.save(self.engine, path, {"version": self.version})
 
+    def _export_policy(self, weights: dict[str, np.ndarray]):
+        """A CPU fp32 copy of the policy holding ``weights`` (loaded once; ZeRO-3 ranks hold shards)."""
+        from rlgen.models import load_model
+
+        if self._export is None:
+            self._export = load_model(self.spec.policy_path, device="cpu", **self.spec.load_options).float()
+            if self.spec.lora.enabled:
+                self.family.add_lora(self._export, self.spec.lora)
+        load_numpy_weights(self._export, weights, strict=not self.spec.lora.enabled)
+        return self._export
+
     def load(self, path: str) -> int:
-        """Resume weights, optimizer state and version from ``save``'s folder (same K). Collective."""
+        """Resume trainable weights, optimizer state and version from ``save``'s folder (same K). Collective."""
         self.version = int(self.strategy.load(self.engine, Path(path)).get("version", 0))
         return self.version
 
-    def _export(self, weights: dict[str, np.ndarray]):
-        """A plain CPU FlowPolicy with the trained weights (base from policy_path under LoRA)."""
-        from rlgen.models.flow import FlowPolicy
-
-        policy = FlowPolicy.from_pretrained(self.policy_path)
-        if self.cfg.lora_rank > 0:
-            apply_lora(policy, self.cfg.lora_rank, self.cfg.lora_alpha, self.cfg.lora_targets)
-        load_numpy_weights(policy, weights, strict=self.cfg.lora_rank == 0)
-        return merge_lora(policy) if self.cfg.lora_rank > 0 else policy
-
 
 class LearnerGroup:
-    """K = ``learner_cfg.num_learners`` ``FlowLearner`` ranks in a placement group, driven as one.
+    """K ``Learner`` ranks in a placement group, driven as one.
 
-    ``batch_size``: global samples per iteration (prompts × group size); ``num_sde_steps``: SDE
-    steps per trajectory (the rollout's sde_window when 0 < window < num_steps, else num_steps).
     ``num_cpus``/``num_gpus``/``resources`` (custom Ray resources, e.g. a node label): one learner's
     Ray resources (one placement-group bundle each).
     """
 
-    def __init__(self, policy_path: str, learner_cfg: LearnerConfig, algo_cfg: FlowGRPOConfig, *, batch_size: int,
-                 num_sde_steps: int, num_cpus: float = 1.0, num_gpus: float = 0.0, num_threads: int = 0,
-                 resources: dict[str, float] | None = None):
-        cfg = learner_cfg
-        grad_accum_steps(cfg, batch_size, num_sde_steps)  # fail here, not inside K actors
-        n, threads = cfg.num_learners, num_threads or max(1, int(num_cpus))
-
+    def __init__(self, spec: LearnerSpec, num_learners: int, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                 strategy: str = "PACK", resources: dict[str, float] | None = None):
         def make_args(rank: int, addr: str, port: int):
-            return (rank, n, addr, port, str(policy_path), cfg, algo_cfg, batch_size, num_sde_steps, threads), {}
+            return (rank, num_learners, addr, port, spec), {}
 
-        self.group = RayActorGroup(FlowLearner, n, make_args, num_cpus=num_cpus, num_gpus=num_gpus,
-                                   strategy=cfg.placement_strategy, resources=resources)
+        self.group = RayActorGroup(Learner, num_learners, make_args, num_cpus=num_cpus, num_gpus=num_gpus,
+                                   strategy=strategy, resources=resources)
         self.version = self.group.call("get_version")[0]  # waits for every rank's init (and its errors)
 
-    def train(self, batch: ImageRollout) -> dict:
-        """Shard the batch equally over ranks, train, and merge metrics (mean; samples summed)."""
+    def train(self, batch) -> dict:
+        """Shard the batch over ranks, train, and merge metrics (means over the ranks that report them)."""
         results = self.group.call_sharded("train", batch.shard(len(self.group)))
-        merged = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
-        merged["samples"] = sum(r["samples"] for r in results)
+        keys = sorted({k for r in results for k in r})
+        merged = {k: float(np.mean([r[k] for r in results if k in r])) for k in keys}
+        if "samples" in merged:
+            merged["samples"] = sum(r.get("samples", 0) for r in results)
         self.version += 1
         return merged
 

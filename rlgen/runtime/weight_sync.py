@@ -65,7 +65,7 @@ def broadcast_buckets(group, tensors: list[torch.Tensor], device: torch.device) 
 
 
 # ----------------------------------------------------------------------------------------------
-# Learner side (run on FlowLearner actors through __ray_call__)
+# Learner side (run on Learner actors through __ray_call__)
 # ----------------------------------------------------------------------------------------------
 def _learner_address(learner) -> tuple[str, int]:
     from rlgen.runtime.actor_group import free_port
@@ -75,7 +75,7 @@ def _learner_address(learner) -> tuple[str, int]:
 
 def _learner_join(learner, addr: str, port: int, world_size: int, backend: str) -> list[tuple[str, list[int]]]:
     """Rank 0 joins the sync group as its rank 0; returns (name, shape) of what it will send."""
-    from rlgen.runtime.learner import trainable_parameters
+    from rlgen.runtime.engine import trainable_parameters
 
     learner._sync_group = new_group(addr, port, 0, world_size, backend)
     return [(n, list(p.shape)) for n, p in trainable_parameters(learner.policy)]
@@ -83,10 +83,10 @@ def _learner_join(learner, addr: str, port: int, world_size: int, backend: str) 
 
 def _learner_broadcast(learner) -> int:
     """Every learner rank calls this (ZeRO-3's gather is collective); rank 0 broadcasts."""
-    from rlgen.runtime.learner import trainable_parameters
+    from rlgen.runtime.engine import trainable_parameters
 
     named = trainable_parameters(learner.policy)
-    if learner.strategy.cfg.zero_stage == 3:  # each rank holds a shard: gather full copies on rank 0
+    if learner.strategy.zero_stage == 3:  # each rank holds a shard: gather full copies on rank 0
         state = learner.strategy.gather_numpy(named)
         tensors = [torch.from_numpy(state[n]) for n, _ in named] if learner.rank == 0 else []
     else:

@@ -1,0 +1,124 @@
+"""The ``flow`` family: text-conditioned flow-matching generators sampled with Flow-GRPO's SDE.
+
+Policies: rlgen's pixel ``FlowPolicy`` (rlgen/models/flow.py) and diffusers pipelines in latent
+space. Everything here goes through the flow-policy surface (docs/architecture.md): ``sigmas``,
+``sample_shape``, ``velocity_fn``, ``decode``, ``generate``, ``lora_module``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rlgen.batches import ImageRollout
+from rlgen.config import FieldError, check_range
+from rlgen.families import Family, register_family
+from rlgen.samplers.flow import sample
+
+
+@dataclass
+class ImageRolloutConfig:
+    """``rollout:`` of a flow job: how training rollouts are sampled."""
+
+    num_steps: int = 10            # denoising steps in training rollouts
+    noise_level: float = 0.7       # SDE noise a: std_σ = a·sqrt(σ/(1−σ))
+    cfg_scale: float = 1.0         # CFG during rollouts (1 = off: one forward per step)
+    shift: float = 1.0             # SD3 σ-schedule shift (0 = the model's own default)
+    sde_window: int = 0            # 0: every step stochastic; k > 0: only k consecutive steps are SDE,
+                                   # the rest ODE (Flow-GRPO-Fast / MixGRPO)
+    sde_window_start: int = -1     # -1: the window starts at a random step per rollout; s >= 0: always at
+                                   # step s (0 = the high-noise steps, where layout and count are decided)
+    batch_size: int = 64           # rows per sampler call inside a worker
+
+    def __post_init__(self):
+        check_range(self, "num_steps", lo=1)
+        check_range(self, "noise_level", lo=0, lo_open=True)  # 0 would be an ODE: no log-probs to train on
+        check_range(self, "cfg_scale", lo=0)
+        check_range(self, "shift", lo=0)
+        check_range(self, "sde_window", lo=0)
+        check_range(self, "batch_size", lo=1)
+        if self.sde_window_start >= 0 and self.sde_window and self.sde_window_start > self.num_steps - self.sde_window:
+            raise FieldError("sde_window_start", f"{self.sde_window_start} leaves fewer than sde_window="
+                                                 f"{self.sde_window} of num_steps={self.num_steps} steps")
+
+
+class PolicyVelocity(nn.Module):
+    """The module a flow learner's engine wraps: its forward is the policy's (CFG-combined) velocity.
+
+    ``forward(prompts (b,), x (b, C, H, W), sigma (b,), cfg_scale) -> v (b, C, H, W)``; prompts are
+    encoded inside (for rlgen's models the text encoder trains too). Parameters are ``policy.*``.
+    """
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, prompts, x: torch.Tensor, sigma: torch.Tensor, cfg_scale: float = 1.0) -> torch.Tensor:
+        return self.policy.velocity_fn(prompts, cfg_scale)(x, sigma)
+
+
+def sde_mask_for(num_steps: int, window: int, generator: torch.Generator | None, start: int = -1) -> torch.Tensor:
+    """(S,) bool; all True, or a window of ``window`` consecutive steps at ``start`` (random if < 0)."""
+    mask = torch.zeros(num_steps, dtype=torch.bool)
+    if window <= 0 or window >= num_steps:
+        mask[:] = True
+        return mask
+    if start > num_steps - window:
+        raise ValueError(f"rollout.sde_window_start={start} leaves fewer than sde_window={window} of "
+                         f"{num_steps} steps")
+    if start < 0:
+        start = int(torch.randint(0, num_steps - window + 1, (1,), generator=generator))
+    mask[start:start + window] = True
+    return mask
+
+
+@torch.no_grad()
+def rollout_images(policy, prompts: list[str], group_ids: torch.Tensor, cfg: ImageRolloutConfig,
+                   generator: torch.Generator, weights_version: int = 0) -> ImageRollout:
+    """Sample one trajectory per entry of ``prompts`` (callers repeat each prompt G times)."""
+    dev = policy.device
+    sigmas = policy.sigmas(cfg.num_steps, cfg.shift or None)
+    sde_mask = sde_mask_for(cfg.num_steps, cfg.sde_window, generator, cfg.sde_window_start)
+    # SDE noise is drawn on the model's device; derive its generator from the CPU one so a seed
+    # reproduces the same rollout on CPU and GPU alike.
+    dev_gen = generator if dev.type == "cpu" else torch.Generator(dev).manual_seed(
+        int(torch.randint(2**62, (1,), generator=generator)))
+    parts = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[i:i + cfg.batch_size]
+        noise = torch.randn((len(chunk), *policy.sample_shape), generator=generator).to(dev)
+        traj = sample(policy.velocity_fn(chunk, cfg.cfg_scale), noise, sigmas, noise_level=cfg.noise_level,
+                      generator=dev_gen, sde_steps=sde_mask.to(dev))
+        images = policy.decode(traj.samples)
+        parts.append((traj.latents.float().cpu(), traj.log_probs.float().cpu(), images.float().cpu()))
+    return ImageRollout(prompts=list(prompts), group_ids=group_ids.cpu(),
+                        latents=torch.cat([p[0] for p in parts]), log_probs=torch.cat([p[1] for p in parts]),
+                        sigmas=sigmas.float().cpu(), sde_mask=sde_mask, noise_level=cfg.noise_level,
+                        cfg_scale=cfg.cfg_scale, weights_version=weights_version,
+                        images=torch.cat([p[2] for p in parts]))
+
+
+@register_family("flow")
+class FlowFamily(Family):
+    modality = "image"
+    rollout_config = ImageRolloutConfig
+
+    def train_module(self, policy) -> nn.Module:
+        return PolicyVelocity(policy)
+
+    def rollout(self, policy, items: list[dict], group_ids, cfg: ImageRolloutConfig, generator, version: int = 0):
+        return rollout_images(policy, [it["prompt"] for it in items], group_ids, cfg, generator, version)
+
+    @torch.no_grad()
+    def prepare_pairs(self, policy, pairs) -> dict:
+        """Image pairs in the policy's sample space: the images themselves for a pixel model, their
+        latents (encoded once, here) for a latent-space pipeline."""
+        w, l = pairs.images()  # (N, C, H, W) in [-1, 1]
+        if hasattr(policy, "encode_images"):
+            w, l = policy.encode_images(w.to(policy.device)).cpu(), policy.encode_images(l.to(policy.device)).cpu()
+        if tuple(w.shape[1:]) != tuple(policy.sample_shape):
+            raise ValueError(f"{pairs.path}: pair images are {tuple(w.shape[1:])}, the policy samples "
+                             f"{tuple(policy.sample_shape)}")
+        return {"modality": "image", "prompts": [r.prompt for r in pairs.rows], "chosen": w.float(),
+                "rejected": l.float(), "bucket_ids": [0] * len(pairs.rows)}

@@ -1,0 +1,122 @@
+"""The ``masked_lm`` family: masked-diffusion LMs decoded by iterative unmasking.
+
+Policies: rlgen's tiny LMs and Hugging Face diffusion LMs (``MaskedDiffusionLM``,
+rlgen/models/masked_lm.py). Rollouts expand every prompt item G times, decode each
+(prompt length, answer width) bucket as one padding-free batch with rlgen's masked sampler
+(``rlgen.samplers.masked.generate``) and keep the decoding order the RL estimators replay.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from rlgen.batches import TextBucket, TextRollout
+from rlgen.config import check_choice, check_range
+from rlgen.families import Family, register_family
+from rlgen.samplers.masked import REMASKING, generate
+
+
+@dataclass
+class TextRolloutConfig:
+    """``rollout:`` of a masked-LM job: how training completions are decoded."""
+
+    temperature: float = 1.0        # > 0: the G samples of a group must differ
+    steps: int = 0                  # 0 = the answer width (one token per step)
+    block_length: int = 0           # 0 = the whole answer is one block
+    threshold: float | None = None  # confidence-threshold parallel decoding
+    remasking: str = "low_confidence"
+    batch_size: int = 256           # rows per generate call
+
+    def __post_init__(self):
+        check_range(self, "temperature", lo=0)
+        check_range(self, "steps", lo=0)
+        check_range(self, "block_length", lo=0)
+        check_range(self, "threshold", lo=0, hi=1)
+        check_range(self, "batch_size", lo=1)
+        check_choice(self, "remasking", REMASKING)
+
+
+def decode_settings(cfg: TextRolloutConfig, width: int) -> tuple[int, int]:
+    """(block_length, steps) for an answer of ``width`` tokens."""
+    bl = min(cfg.block_length or width, width)
+    if width % bl:
+        bl = width  # a block size that does not divide this task's width: one block
+    blocks = width // bl
+    steps = min(cfg.steps or width, width)
+    return bl, max(blocks, steps - steps % blocks)
+
+
+@torch.no_grad()
+def rollout_text(model, items: list[dict], group_ids: torch.Tensor, cfg: TextRolloutConfig,
+                 generator: torch.Generator | None = None, version: int = 0) -> TextRollout:
+    """One completion per item (callers repeat each prompt G times); items need ``prompt`` and
+    ``gen_length`` (the answer width); their other keys travel as ``meta`` to the rewards."""
+    from rlgen.data.tokenizer import decode_completion, encode_batch
+
+    tok = model.tokenizer
+    prompts = [it["prompt"] for it in items]
+    ids = encode_batch(tok, prompts)
+    buckets = defaultdict(list)  # (P, G) → row indices
+    for i, it in enumerate(items):
+        buckets[(len(ids[i]), int(it["gen_length"]))].append(i)
+    completions: list[str] = [""] * len(items)
+    out = []
+    was_training = model.training
+    model.eval()
+    for (P, width), rows in sorted(buckets.items()):
+        bl, steps = decode_settings(cfg, width)
+        parts = []
+        for s in range(0, len(rows), cfg.batch_size):
+            chunk = rows[s:s + cfg.batch_size]
+            prompt = torch.tensor([ids[i] for i in chunk], device=model.device)  # (b, P)
+            parts.append(generate(model, prompt, gen_length=width, steps=steps, block_length=bl,
+                                  temperature=cfg.temperature, remasking=cfg.remasking, threshold=cfg.threshold,
+                                  mask_id=model.mask_id, generator=generator, eos_id=model.eos_id,
+                                  forbidden_ids=(model.pad_id, model.mask_id)))
+        tokens = torch.cat([o.tokens for o in parts]).cpu()
+        for i, r in zip(rows, tokens[:, P:].tolist()):
+            completions[i] = decode_completion(tok, r)
+        out.append(TextBucket(tokens, torch.cat([o.order for o in parts]).cpu(),
+                              torch.cat([o.token_logprobs for o in parts]).float().cpu(), torch.tensor(rows), P))
+    model.train(was_training)
+    meta_keys = sorted({k for it in items for k in it} - {"prompt", "gen_length"})
+    meta = {k: [it.get(k) for it in items] for k in meta_keys}
+    return TextRollout(prompts, completions, group_ids.cpu(), out, meta, weights_version=version)
+
+
+@register_family("masked_lm")
+class MaskedLMFamily(Family):
+    modality = "text"
+    rollout_config = TextRolloutConfig
+
+    def rollout(self, policy, items: list[dict], group_ids, cfg: TextRolloutConfig, generator, version: int = 0):
+        return rollout_text(policy, items, group_ids, cfg, generator, version)
+
+    def prepare_pairs(self, policy, pairs) -> dict:
+        """Token ids of every pair; answers EOS-padded to the pair's ``meta.gen_length`` (the builder
+        writes it; else the task's width from ``meta.problem``; else one EOS past the longer answer).
+        Pairs are ordered in buckets of one prompt length: no prompt padding (the base models were
+        trained without it and their position embeddings would shift)."""
+        from rlgen.data.pairs import PairFormatError
+        from rlgen.data.text_tasks import get_task
+        from rlgen.data.tokenizer import encode
+
+        tok, eos = policy.tokenizer, policy.eos_id
+        p_ids, w_ids, l_ids = [], [], []
+        for r in pairs.rows:
+            try:
+                p, w, l = encode(tok, r.prompt), encode(tok, r.chosen), encode(tok, r.rejected)
+            except ValueError as e:
+                raise PairFormatError(f"{pairs.path}: row {r.row}: {e}", "untokenizable", r.row) from e
+            width = r.meta.get("gen_length")
+            if width is None and isinstance(r.meta.get("problem"), dict):
+                width = get_task(r.meta["problem"]["task"]).gen_length(r.meta["problem"])
+            width = max(int(width or max(len(w), len(l)) + 1), len(w), len(l))  # never truncate
+            p_ids.append(p)
+            w_ids.append(w + [eos] * (width - len(w)))
+            l_ids.append(l + [eos] * (width - len(l)))
+        lengths = sorted({len(p) for p in p_ids})
+        return {"modality": "text", "prompt_ids": p_ids, "chosen_ids": w_ids, "rejected_ids": l_ids, "eos_id": eos,
+                "bucket_ids": [lengths.index(len(p)) for p in p_ids]}

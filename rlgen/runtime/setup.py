@@ -1,0 +1,145 @@
+"""Checks a job runs before anything starts: each failure is one line naming the key, file or folder.
+
+Nothing here writes into the run folder; the only thing that may be written is an explicitly
+requested artefact (a missing base pretrained with ``policy.pretrain_config``, missing pairs built
+with ``pairs.build``), each into its own folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlgen.config import ConfigError, load_config, yaml_load
+
+
+def base_checkpoint(policy_cfg) -> Path:
+    """The starting policy's folder; a missing one is pretrained only when the config asks to."""
+    from rlgen.runtime.rundir import resolve_checkpoint
+
+    p = Path(policy_cfg.checkpoint)
+    if not p.exists():
+        if not policy_cfg.pretrain_config:
+            raise ConfigError(f"policy.checkpoint: {p} not found (give an existing checkpoint, run, diffusers or "
+                              f"Hugging Face folder; or set policy.pretrain_config to pretrain a missing base)")
+        pretrain_base(p, policy_cfg.pretrain_config, policy_cfg.pretrain_overrides)
+    if (p / "model_index.json").is_file() or (p / "config.json").is_file() and not (p / "rlgen_model.json").is_file():
+        return p  # a diffusers pipeline or Hugging Face model folder
+    return resolve_checkpoint(p)
+
+
+def pretrain_base(p: Path, config: str, overrides: list[str]) -> None:
+    from rlgen.pretrain.__main__ import run_pretraining
+
+    print(f"[rlgen] base model {p} not found: pretraining it with {config}")
+    pcfg = load_config(config, [f"run.root={p.parent}", f"run.name={p.name}", "run.resume=auto", *overrides])
+    run_pretraining(pcfg)
+
+
+def policy_family(base: Path, algo) -> str:
+    """The base's model family, which must be the one the algorithm trains."""
+    from rlgen.models import detect_family
+
+    family = detect_family(base)
+    if family != algo.family:
+        raise ConfigError(f"policy.checkpoint: {base} holds a {family} model, but algo.name={algo.name} trains "
+                          f"{algo.family} models")
+    return family
+
+
+def check_eval_files(e) -> None:
+    """Read the eval's prompts/problems files now (a bad line is an error before anything starts)."""
+    from rlgen.evaluate import EvalRequest
+    from rlgen.registry import BENCHMARKS
+
+    fn = BENCHMARKS.get(e.benchmark)
+    req = EvalRequest(prompts=Path(e.prompts) if e.prompts else None, problems=Path(e.problems) if e.problems else None,
+                      options=dict(e.options), samples_per_prompt=e.samples_per_prompt or None)
+    getattr(fn, "prepare", lambda r: None)(req)
+
+
+def check_resume(cfg, family: str) -> Path | None:
+    """The checkpoint to resume from, after checking it belongs to this kind of job."""
+    from rlgen.runtime.rundir import CheckpointError, find_latest_checkpoint, resolve_checkpoint
+
+    mode = cfg.run.resume
+    if mode == "no":
+        return None
+    if mode == "auto":
+        ckpt = find_latest_checkpoint(cfg.run.dir)
+        _check_run_folder(cfg.run.dir, cfg, family)
+    else:
+        p = Path(mode)
+        if not p.is_dir():
+            raise ConfigError(f"run.resume: {p} is not a checkpoint or run folder")
+        ckpt = resolve_checkpoint(p) if (p / "checkpoints").is_dir() or (p / "COMPLETE").is_file() else None
+        if ckpt is None:
+            raise CheckpointError(f"run.resume: {p} is neither a complete checkpoint nor a run folder")
+    if ckpt is not None:
+        _check_checkpoint(ckpt, cfg, family)
+    return ckpt
+
+
+def _check_run_folder(run_dir: Path, cfg, family: str) -> None:
+    """A run folder written by another kind of job (another algorithm's family, pretraining) is refused."""
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        data = yaml_load(saved.read_text(encoding="utf-8")) or {}
+    except Exception as e:  # noqa: BLE001 — a damaged file is a refusal too
+        raise ConfigError(f"run.resume=auto: {saved} is unreadable ({type(e).__name__}); not resuming into it") from e
+    _same_job(data, saved, cfg, family)
+
+
+def _check_checkpoint(ckpt: Path, cfg, family: str) -> None:
+    import json
+
+    state = ckpt / "driver_state.json"
+    if not state.is_file():
+        raise ConfigError(f"run.resume: {ckpt} holds no driver_state.json: not a checkpoint of a train_rl.py job "
+                          f"(a pretraining checkpoint is a starting point: policy.checkpoint={ckpt})")
+    data = json.loads(state.read_text())
+    if data.get("family", family) != family or data.get("algo", cfg.algo.name) != cfg.algo.name:
+        raise ConfigError(f"run.resume: {ckpt} is a checkpoint of {data.get('algo')} on a {data.get('family')} model; "
+                          f"this job is {cfg.algo.name} on a {family} model (use another run.name)")
+
+
+def _same_job(data: dict, where: Path, cfg, family: str) -> None:
+    kind = data.get("kind", "train")
+    algo = (data.get("algo") or {}).get("name") if isinstance(data.get("algo"), dict) else None
+    if kind != "train" or (algo and algo != cfg.algo.name):
+        what = f"a {kind} run" if kind != "train" else f"a {algo} run"
+        raise ConfigError(f"run.resume=auto: {where.parent} holds {what}; this job is {cfg.algo.name} "
+                          f"(use another run.name, or run.resume=no to move the old run aside)")
+
+
+def load_pair_set(cfg, base: Path, modality: str):
+    """The validated pairs (built first from the base when missing and ``pairs.build`` asks to)."""
+    from rlgen.data.pairs import load_pairs
+
+    c = cfg.pairs
+    p = Path(c.path)
+    if not p.exists():
+        if not c.build.rewards:
+            raise ConfigError(f"pairs.path: {p} not found (set pairs.build.rewards to build the pairs from the base)")
+        _build_pairs(cfg, base, p)
+    image_size = None
+    pairs = load_pairs(p, modality, c.on_error, image_size)
+    print(f"[rlgen] {pairs.summary()}")
+    for e in pairs.errors[:5]:
+        print(f"[rlgen]   skipped: {e}")
+    return pairs
+
+
+def _build_pairs(cfg, base: Path, p: Path) -> None:
+    import argparse
+
+    from rlgen.pairs import build
+
+    b = cfg.pairs.build
+    out = p.parent if p.suffix else p
+    print(f"[rlgen] pairs {p} not found: building them from {base}")
+    build(argparse.Namespace(
+        checkpoint=str(base), reward=[f"{k}={v}" for k, v in b.rewards.items()], prompts=b.prompts,
+        samples_per_prompt=b.samples_per_prompt, out=str(out), strategy=b.strategy, margin=b.margin, seed=b.seed,
+        num_steps=b.num_steps, cfg=b.cfg, noise_level=b.noise_level, temperature=b.temperature, batch_size=64,
+        sheet_pairs=16, device=cfg.run.device, threads=cfg.run.num_threads, progress=cfg.run.progress))

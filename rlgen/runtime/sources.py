@@ -1,0 +1,156 @@
+"""Where a step's data comes from: prompts for online jobs, preference pairs for offline jobs.
+
+Both are pure functions of (seed, step): a resumed run draws exactly what the uninterrupted run
+would have drawn, with no sampler state to checkpoint.
+
+A prompt item is a dict ``{"prompt": <text the policy is conditioned on>, ...}``; text items also
+carry ``gen_length`` (the answer width) and their task's ``problem``; every key but ``prompt`` and
+``gen_length`` reaches the rewards as a keyword argument (a list aligned with the samples, trl's
+convention for dataset columns).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlgen.batches import ImagePairs, TextPairBucket, TextPairs
+
+IMAGE_SOURCES = ("shapes", "fashion_mnist", "file")
+
+
+class PromptSource:
+    """``prompts:`` of an online job → ``per_step`` items per step. Checks its settings on creation."""
+
+    def __init__(self, cfg, seed: int, modality: str):
+        self.cfg, self.seed, self.modality = cfg, seed, modality
+        self._lines: list[str] = []
+        text_source = cfg.source not in IMAGE_SOURCES
+        if text_source != (modality == "text") and cfg.source != "file":
+            kind = "a text task" if text_source else "an image prompt source"
+            raise ValueError(f"prompts.source={cfg.source!r} is {kind}, but the policy is a {modality} model")
+        if cfg.source == "file":
+            self._lines = _read_lines(Path(cfg.file), "prompts.file")
+        elif cfg.source == "shapes":
+            from rlgen.data.shapes import TASK_TYPES
+
+            bad = [t for t in cfg.tasks if t not in TASK_TYPES]
+            if bad:
+                raise ValueError(f"prompts.tasks: unknown shapes task types {bad}; valid: {list(TASK_TYPES)}")
+        elif text_source:
+            from rlgen.data.text_tasks import TASKS, get_task
+
+            if cfg.source not in TASKS:
+                raise ValueError(f"prompts.source={cfg.source!r} is unknown: one of {list(IMAGE_SOURCES)} or a text "
+                                 f"task {sorted(TASKS)}")
+            self.task = get_task(cfg.source)
+            self.levels = list(cfg.tasks or self.task.levels)
+            self.sample(1)  # an unknown level fails here, not after the first rollouts
+
+    def sample(self, step: int) -> list[dict]:
+        """``per_step`` items for this step (distinct where the source allows)."""
+        n = self.cfg.per_step
+        if self.modality == "text" and self.cfg.source != "file":
+            from rlgen.data.text_tasks import generate_problems
+
+            seed = random.Random(f"{self.seed}:{step}").randrange(2**31)
+            problems = generate_problems(self.task.name, n, seed, self.levels, split="train")
+            return [{"prompt": self.task.format_prompt(p), "problem": p, "gen_length": self.task.gen_length(p)}
+                    for p in problems]
+        rng = np.random.default_rng([self.seed, step, 7])
+        if self.cfg.source == "file":
+            idx = rng.choice(len(self._lines), size=n, replace=n > len(self._lines))
+            return [{"prompt": self._lines[i]} for i in idx]
+        if self.cfg.source == "fashion_mnist":
+            from rlgen.data.fashion_mnist import PROMPTS
+
+            idx = rng.choice(len(PROMPTS), size=n, replace=n > len(PROMPTS))
+            return [{"prompt": PROMPTS[i]} for i in idx]
+        from rlgen.data.shapes import sample_prompt
+
+        tasks = self.cfg.tasks or [None]
+        return [{"prompt": sample_prompt(rng, tasks[int(rng.integers(len(tasks)))])[0]} for _ in range(n)]
+
+
+def _read_lines(p: Path, key: str) -> list[str]:
+    if not p.is_file():
+        raise FileNotFoundError(f"{key} not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = []
+    for n, ln in enumerate(text.splitlines(), 1):
+        ln = ln.strip()
+        if not ln or ln.startswith("#"):
+            continue
+        if len(ln) > 2000:
+            raise ValueError(f"{p}:{n}: a prompt of {len(ln)} characters (at most 2000)")
+        lines.append(ln)
+    if not lines:
+        raise ValueError(f"{p}: no prompts")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline: pairs
+# ----------------------------------------------------------------------------------------------
+class PairOrder:
+    """Endless ordered batches of pairs: epoch e shuffles each bucket (pairs of one prompt length)
+    with seed (seed, e), cuts it into batches of ``size`` (dropping each bucket's remainder) and
+    shuffles the batches."""
+
+    def __init__(self, bucket_ids: list[int], size: int, seed: int):
+        self.buckets: dict[int, list[int]] = {}
+        for i, b in enumerate(bucket_ids):
+            self.buckets.setdefault(b, []).append(i)
+        self.size, self.seed, self._cache = size, seed, {}
+        if not any(len(v) >= size for v in self.buckets.values()):
+            raise ValueError(f"no group of same-shape pairs holds pairs.batch={size} pairs "
+                             f"(groups: {sorted(len(v) for v in self.buckets.values())})")
+
+    def epoch(self, e: int) -> list[list[int]]:
+        if e not in self._cache:
+            rng = np.random.default_rng([self.seed, e, 11])
+            mbs = []
+            for _, idx in sorted(self.buckets.items()):
+                perm = [idx[i] for i in rng.permutation(len(idx))]
+                mbs += [perm[s:s + self.size] for s in range(0, len(perm) - self.size + 1, self.size)]
+            self._cache = {e: [mbs[i] for i in rng.permutation(len(mbs))]}
+        return self._cache[e]
+
+    def take(self, start: int, count: int) -> tuple[list[list[int]], int]:
+        """Batches [start, start + count) of the endless stream, and the epoch of the last."""
+        per_epoch = len(self.epoch(0))
+        out = [self.epoch(k // per_epoch)[k % per_epoch] for k in range(start, start + count)]
+        return out, (start + count - 1) // per_epoch
+
+
+class PairSource:
+    """Prepared pairs (``Family.prepare_pairs`` on a rollout worker) → one batch per step."""
+
+    def __init__(self, prepared: dict, cfg, seed: int):
+        self.data, self.cfg, self.seed = prepared, cfg, seed
+        self.per_step = cfg.per_step // cfg.batch
+        self.order = PairOrder(prepared["bucket_ids"], cfg.batch, seed)
+
+    def batch(self, step: int, step_seed: int):
+        groups, epoch = self.order.take((step - 1) * self.per_step, self.per_step)
+        self.epoch = epoch
+        d = self.data
+        if d["modality"] == "image":
+            idx = torch.tensor([i for g in groups for i in g])
+            return ImagePairs([d["prompts"][i] for i in idx.tolist()], d["chosen"][idx], d["rejected"][idx],
+                              torch.arange(len(idx)), seed=step_seed)
+        buckets, row = [], 0
+        for g in groups:  # one ordered batch = one prompt length: a bucket of its own
+            pad = d["eos_id"]
+            width = max(len(d["chosen_ids"][i]) for i in g)
+            fill = lambda ids: torch.tensor([x + [pad] * (width - len(x)) for x in ids])  # noqa: E731
+            buckets.append(TextPairBucket(torch.tensor([d["prompt_ids"][i] for i in g]),
+                                          fill([d["chosen_ids"][i] for i in g]), fill([d["rejected_ids"][i] for i in g]),
+                                          torch.arange(row, row + len(g))))
+            row += len(g)
+        return TextPairs(buckets, seed=step_seed)
