@@ -274,4 +274,4 @@ class MDMGRPO(Algorithm):
                               a.kl_beta, a.adv_clip_max, reduction="none")
         w = b.weight[lo:hi].to(dev)
         ctx.engine.backward((rows * w).sum() / batch.global_size)
-        return {"loss": float((rows * w).sum() / w.sum().clamp_min(1.0)), **m}
+        return {"loss": float((rows * w).detach().sum() / w.sum().clamp_min(1.0)), **m}

@@ -307,7 +307,7 @@ class MDMOPD(Algorithm):
                     rows, m = self._row_loss(ctx, batch, b, t, lo, hi)
                     w = b.weight[lo:hi].to(ctx.device)
                     ctx.engine.backward((rows * w).sum() / batch.global_size)
-                    acc.add({"loss": float((rows * w).sum() / w.sum().clamp_min(1.0)), **m}, float(w.sum()))
+                    acc.add({"loss": float((rows * w).detach().sum() / w.sum().clamp_min(1.0)), **m}, float(w.sum()))
             gn = ctx.engine.step()
             if not math.isfinite(gn):  # stop before a NaN step wrecks the weights; checkpoints stay intact
                 raise FloatingPointError(f"non-finite gradient norm ({gn}) in the distillation loss")

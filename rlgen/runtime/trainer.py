@@ -17,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 from tqdm import tqdm
@@ -213,7 +214,7 @@ class Trainer:
             from rlgen.viz import save_image_grid
 
             s = res["samples"]
-            save_image_grid(torch.from_numpy(s["images"]), out.with_suffix(".png"), nrow=s["nrow"],
+            save_image_grid(torch.from_numpy(np.array(s["images"])), out.with_suffix(".png"), nrow=s["nrow"],
                             captions=s["captions"])
         elif "examples" in res:
             lines = [f"step {step}: " + json.dumps({k: round(v, 4) for k, v in row.items()})]

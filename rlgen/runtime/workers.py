@@ -222,7 +222,8 @@ def get_with_retries(ref, reissue, recover):
 def eval_row(result: dict) -> dict:
     """The metrics of a benchmark result as ``eval/…`` keys (accuracy, per task, numeric extras)."""
     row = {"eval/accuracy": result["accuracy"], **{f"eval/{t}": v for t, v in result["per_task"].items()}}
-    skip = {"accuracy", "per_task", "n", "seed", "eval_seconds", "real_n", "prompts", "classifier_test_accuracy"}
+    skip = {"accuracy", "per_task", "n", "seed", "eval_seconds", "real_n", "prompts", "classifier_test_accuracy",
+            "steps", "cfg", "noise_level", "shift", "samples_per_prompt", "batch_size"}  # settings, not metrics
     for k, v in result.items():
         if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
             row[f"eval/{k}"] = float(v)
