@@ -1,22 +1,22 @@
-"""Flow-GRPO update on one rank (no Ray, no DeepSpeed), checked against gradients computed here by
+"""Flow-GRPO's update on one rank (no Ray, no DeepSpeed), checked against gradients computed here by
 hand from ``sde_step`` and the PPO ratio, and against facts of the objective: zero advantages give
 zero gradient, timestep subsampling trains the stated number of steps, the KL is 0 until the
-policy moves away from its reference."""
+policy moves away from its reference; LoRA through the flow family; on-policy distillation."""
 import copy
 
 import pytest
 import torch
 
-from rlgen.algos.flow_grpo import FlowGRPOConfig
+from rlgen.algos.flow_grpo import FlowGRPO, FlowGRPOConfig, choose_train_steps
+from rlgen.families import LoraSpec, get_family
+from rlgen.families.flow import ImageRolloutConfig, PolicyVelocity, rollout_images
 from rlgen.models.flow import FlowModelConfig, FlowPolicy
-from rlgen.runtime.flow_update import (LearnerConfig, PolicyVelocity, TorchEngine, adapters_disabled, apply_lora,
-                                       choose_train_steps, flow_grpo_update, grad_accum_steps, merge_lora,
-                                       num_train_steps)
 from rlgen.samplers.flow import sde_step
-from rollouts.image import ImageRolloutConfig, rollout_images
+from tests.algos.engines import RecordingEngine, adamw, context
 
 VOCAB = ["red", "blue", "circle", "square"]
 NO_CLIP = dict(clip_range=1e6, adv_clip_max=1e6)
+FLOW = get_family("flow")
 
 
 def tiny_flow_config() -> FlowModelConfig:
@@ -39,30 +39,23 @@ def make_rollout(policy, num_steps=3, sde_window=0, seed=0, advantages=None):
     cfg = ImageRolloutConfig(num_steps=num_steps, noise_level=0.7, sde_window=sde_window)
     batch = rollout_images(policy, prompts, torch.tensor([0, 0, 1, 1]), cfg, torch.Generator().manual_seed(seed))
     batch.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5]) if advantages is None else advantages
+    batch.global_size = len(batch)
     return batch
 
 
-class GradRecorder(torch.optim.Optimizer):
-    """An 'optimizer' that keeps a copy of the accumulated gradient at each update."""
-
-    def __init__(self, params):
-        super().__init__(params, {})
-        self.grads = []
-
-    def step(self, closure=None):
-        self.grads.append([None if p.grad is None else p.grad.clone()
-                           for g in self.param_groups for p in g["params"]])
+def update(policy, batch, algo_cfg, engine=None, micro=0, ref=None, teacher=None, lora=False, algo_cls=FlowGRPO):
+    """Run the algorithm's update; returns (engine, metrics)."""
+    engine = engine or RecordingEngine(PolicyVelocity(policy))
+    metrics = algo_cls(algo_cfg).update(context(policy, engine, ref, teacher, micro, lora), batch)
+    return engine, metrics
 
 
-def recorded_grads(policy, batch, algo, cfg, seed=0, all_updates=False):
+def recorded_grads(policy, batch, algo, micro, seed=0, all_updates=False):
     pol = copy.deepcopy(policy)
-    rec = GradRecorder(list(pol.parameters()))
-    steps = num_train_steps(int(batch.sde_mask.sum()), cfg.timestep_fraction)
-    gas = len(batch) // cfg.micro_batch_size // cfg.num_minibatches * steps
-    engine = TorchEngine(PolicyVelocity(pol), rec, gas, grad_clip=0.0)
-    metrics = flow_grpo_update(pol, None, batch, algo, cfg, engine, torch.Generator().manual_seed(seed))
-    assert len(rec.grads) == cfg.num_inner_epochs * cfg.num_minibatches  # one update per mini-batch
-    return (rec.grads if all_updates else rec.grads[0]), metrics
+    batch.seed = seed
+    engine, metrics = update(pol, batch, algo, micro=micro)
+    assert len(engine.grads) == algo.num_inner_epochs * algo.num_minibatches  # one update per mini-batch
+    return (engine.grads if all_updates else engine.grads[0]), metrics
 
 
 def hand_grads(policy, batch, steps):
@@ -93,8 +86,7 @@ def assert_grads_close(got, want):
 def test_gradient_equals_hand_computed_objective(policy):
     batch = make_rollout(policy)
     algo = FlowGRPOConfig(kl_beta=0.0, **NO_CLIP)
-    cfg = LearnerConfig(micro_batch_size=2)
-    grads, metrics = recorded_grads(policy, batch, algo, cfg)
+    grads, metrics = recorded_grads(policy, batch, algo, micro=2)
     assert_grads_close(grads, hand_grads(policy, batch, steps=[0, 1, 2]))
     assert metrics["num_train_steps"] == 3 and metrics["samples"] == 4
     # the policy that sampled the batch re-scores it: ratios are 1 up to float noise
@@ -105,8 +97,10 @@ def test_zero_advantage_sample_contributes_nothing(policy):
     algo = FlowGRPOConfig(kl_beta=0.0, **NO_CLIP)
     batch = make_rollout(policy, advantages=torch.tensor([0.0, -1.0, 0.5, -0.5]))
     batch.rewards = torch.tensor([float("nan"), 0.0, 1.0, 0.2])  # its reward was missing
-    with_it, _ = recorded_grads(policy, batch, algo, LearnerConfig(micro_batch_size=4))
-    without, _ = recorded_grads(policy, batch.select([1, 2, 3]), algo, LearnerConfig(micro_batch_size=3))
+    with_it, _ = recorded_grads(policy, batch, algo, micro=4)
+    sub = batch.select([1, 2, 3])
+    sub.global_size = 3
+    without, _ = recorded_grads(policy, sub, algo, micro=3)
     # a mean over 4 samples, one of them 0, is 3/4 of the mean over the other 3
     assert_grads_close([None if g is None else g * 4 for g in with_it], [None if g is None else g * 3 for g in without])
 
@@ -115,22 +109,19 @@ def test_all_zero_advantages_leave_the_weights_unchanged(policy):
     pol = copy.deepcopy(policy)
     before = [p.detach().clone() for p in pol.parameters()]
     batch = make_rollout(policy, advantages=torch.zeros(4))
-    cfg = LearnerConfig(micro_batch_size=2, lr=1e-2, weight_decay=0.0)
-    engine = TorchEngine.adamw(pol, cfg, grad_accum_steps(cfg, 4, 3))
-    metrics = flow_grpo_update(pol, None, batch, FlowGRPOConfig(kl_beta=0.0), cfg, engine, torch.Generator())
-    assert metrics["grad_norm"] == 0 and engine.global_steps == 1
+    _, metrics = update(pol, batch, FlowGRPOConfig(kl_beta=0.0), engine=adamw(PolicyVelocity(pol)), micro=2)
+    assert metrics["grad_norm"] == 0
     for b, p in zip(before, pol.parameters()):
         assert torch.equal(b, p)
 
 
 def test_timestep_fraction_trains_a_seeded_subset(policy):
     batch = make_rollout(policy, num_steps=4)
-    algo = FlowGRPOConfig(kl_beta=0.0, **NO_CLIP)
-    cfg = LearnerConfig(micro_batch_size=2, timestep_fraction=0.5)
+    algo = FlowGRPOConfig(kl_beta=0.0, timestep_fraction=0.5, **NO_CLIP)
     picks = [choose_train_steps(batch.sde_mask, 0.5, torch.Generator().manual_seed(s)) for s in range(8)]
     assert all(len(p) == 2 for p in picks) and len({tuple(p) for p in picks}) > 1
     assert picks[3] == choose_train_steps(batch.sde_mask, 0.5, torch.Generator().manual_seed(3))
-    grads, metrics = recorded_grads(policy, batch, algo, cfg, seed=3)
+    grads, metrics = recorded_grads(policy, batch, algo, micro=2, seed=3)
     assert metrics["num_train_steps"] == 2
     assert_grads_close(grads, hand_grads(policy, batch, steps=picks[3]))
     # with an SDE window only its steps are candidates
@@ -143,63 +134,49 @@ def test_minibatches_split_the_epoch_into_updates(policy):
     # GradRecorder never moves the weights, so each update's gradient is the unclipped objective
     # on its half of the samples: the two halves' means average to the full-batch mean.
     batch = make_rollout(policy)
-    algo = FlowGRPOConfig(kl_beta=0.0, **NO_CLIP)
-    grads, metrics = recorded_grads(policy, batch, algo, LearnerConfig(micro_batch_size=1, num_minibatches=2),
-                                    all_updates=True)
+    algo = FlowGRPOConfig(kl_beta=0.0, num_minibatches=2, **NO_CLIP)
+    grads, metrics = recorded_grads(policy, batch, algo, micro=1, all_updates=True)
     full = hand_grads(policy, batch, steps=[0, 1, 2])
     assert len(grads) == 2 and metrics["samples"] == 4
     halves = [None if a is None else (a + b) / 2 for a, b in zip(*grads)]
     assert_grads_close(halves, full)
     assert any(a is not None and (a - f).abs().max() > 1e-6 for a, f in zip(grads[0], full))
-    with pytest.raises(ValueError, match="num_minibatches=3"):
-        grad_accum_steps(LearnerConfig(micro_batch_size=1, num_minibatches=3), 4, 3)
-
-
-def test_engine_accumulation_must_match_the_batch(policy):
-    batch = make_rollout(policy)
-    cfg = LearnerConfig(micro_batch_size=2)
-    pol = copy.deepcopy(policy)
-    engine = TorchEngine.adamw(pol, cfg, 5)  # 4 samples / 2 × 3 steps = 6
-    with pytest.raises(ValueError, match="does not match"):
-        flow_grpo_update(pol, None, batch, FlowGRPOConfig(kl_beta=0.0), cfg, engine, torch.Generator())
-    with pytest.raises(ValueError, match="learner shards"):
-        grad_accum_steps(LearnerConfig(micro_batch_size=3, num_learners=2), 8, 3)
-    assert grad_accum_steps(LearnerConfig(micro_batch_size=2, num_learners=2, timestep_fraction=0.5), 8, 4) == 4
+    with pytest.raises(ValueError, match="mini-batches"):
+        update(copy.deepcopy(policy), batch, FlowGRPOConfig(num_minibatches=3), micro=1)
 
 
 def test_kl_is_zero_at_the_reference_and_grows_after_an_update(policy):
     pol, ref = copy.deepcopy(policy), copy.deepcopy(policy).requires_grad_(False)
     batch = make_rollout(policy)
     algo = FlowGRPOConfig(kl_beta=0.1)
-    cfg = LearnerConfig(micro_batch_size=4, lr=3e-2, grad_clip=0.0)
-    engine = TorchEngine.adamw(pol, cfg, grad_accum_steps(cfg, 4, 3))
-    first = flow_grpo_update(pol, ref, batch, algo, cfg, engine, torch.Generator())
-    second = flow_grpo_update(pol, ref, batch, algo, cfg, engine, torch.Generator())
+    engine = adamw(PolicyVelocity(pol), lr=3e-2)
+    _, first = update(pol, batch, algo, engine, micro=4, ref=ref)
+    _, second = update(pol, batch, algo, engine, micro=4, ref=ref)
     assert first["kl"] == 0 and second["kl"] > 0
     assert second["loss"] == pytest.approx(second["policy_loss"] + 0.1 * second["kl"], rel=1e-5)
 
 
 def test_lora_trains_only_the_adapter_and_uses_the_base_as_reference(policy):
-    pol = apply_lora(copy.deepcopy(policy), rank=2, targets=["to_q", "to_v"])
+    pol = copy.deepcopy(policy)
+    FLOW.add_lora(pol, LoraSpec(rank=2, targets=["to_q", "to_v"]))
     trainable = {n for n, p in pol.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     before = {n: p.detach().clone() for n, p in pol.named_parameters()}
     batch = make_rollout(policy)
-    cfg = LearnerConfig(micro_batch_size=4, lr=3e-2, grad_clip=0.0, lora_rank=2)
-    engine = TorchEngine.adamw(pol, cfg, grad_accum_steps(cfg, 4, 3))
-    first = flow_grpo_update(pol, None, batch, FlowGRPOConfig(kl_beta=0.1), cfg, engine, torch.Generator())
-    second = flow_grpo_update(pol, None, batch, FlowGRPOConfig(kl_beta=0.1), cfg, engine, torch.Generator())
+    engine = adamw(PolicyVelocity(pol), lr=3e-2)
+    _, first = update(pol, batch, FlowGRPOConfig(kl_beta=0.1), engine, micro=4, lora=True)
+    _, second = update(pol, batch, FlowGRPOConfig(kl_beta=0.1), engine, micro=4, lora=True)
     assert first["kl"] == 0 and second["kl"] > 0
     changed = {n for n, p in pol.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= trainable
     assert {n for n, p in pol.named_parameters() if p.requires_grad} == trainable  # restored after the reference
     x, sigma = batch.latents[:, 1], batch.sigmas[1].expand(4)
     with torch.no_grad():
-        with adapters_disabled(pol):
+        with FLOW.adapters_disabled(pol):
             v_base = pol.velocity_fn(batch.prompts)(x, sigma)
         torch.testing.assert_close(v_base, policy.velocity_fn(batch.prompts)(x, sigma))
         v_lora = pol.velocity_fn(batch.prompts)(x, sigma)
-        merged = merge_lora(copy.deepcopy(pol))
+        merged = FLOW.merged_copy(pol)
         assert not any("lora_" in n for n, _ in merged.named_parameters())
         torch.testing.assert_close(merged.velocity_fn(batch.prompts)(x, sigma), v_lora, rtol=1e-4, atol=1e-5)
 
@@ -207,13 +184,11 @@ def test_lora_trains_only_the_adapter_and_uses_the_base_as_reference(policy):
 # ----------------------------------------------------------------------------------------------
 # On-policy distillation: the same update with a teacher (rlgen.algos.opd)
 # ----------------------------------------------------------------------------------------------
-def opd_grads(policy, teacher, batch, algo, cfg):
-    pol = copy.deepcopy(policy)
-    rec = GradRecorder(list(pol.parameters()))
-    steps = num_train_steps(int(batch.sde_mask.sum()), cfg.timestep_fraction)
-    engine = TorchEngine(PolicyVelocity(pol), rec, len(batch) // cfg.micro_batch_size * steps, grad_clip=0.0)
-    metrics = flow_grpo_update(pol, None, batch, algo, cfg, engine, torch.Generator(), teacher)
-    return rec.grads[0], metrics
+def opd_grads(policy, teacher, batch, algo, micro):
+    from rlgen.algos.opd import FlowOPD
+
+    engine, metrics = update(copy.deepcopy(policy), batch, algo, micro=micro, teacher=teacher, algo_cls=FlowOPD)
+    return engine.grads[0], metrics
 
 
 def test_distillation_gradient_is_the_weighted_velocity_mse_to_the_teacher(policy):
@@ -223,7 +198,7 @@ def test_distillation_gradient_is_the_weighted_velocity_mse_to_the_teacher(polic
     teacher = FlowPolicy.build(tiny_flow_config()).requires_grad_(False)
     batch = make_rollout(policy)
     algo = FlowOPDConfig(teacher="unused-here", teacher_cfg_scale=3.0, kl_reduction="mean")
-    grads, metrics = opd_grads(policy, teacher, batch, algo, LearnerConfig(micro_batch_size=2))
+    grads, metrics = opd_grads(policy, teacher, batch, algo, micro=2)
     # by hand: mean over samples and steps of w_j·‖v_θ − v_teacher(CFG 3)‖² / D
     pol = copy.deepcopy(policy)
     terms = []
@@ -241,17 +216,16 @@ def test_distillation_gradient_is_the_weighted_velocity_mse_to_the_teacher(polic
 
 
 def test_distillation_toward_itself_is_zero_and_toward_a_teacher_closes_the_gap(policy):
-    from rlgen.algos.opd import FlowOPDConfig
+    from rlgen.algos.opd import FlowOPD, FlowOPDConfig
 
     batch = make_rollout(policy)
-    cfg = LearnerConfig(micro_batch_size=4, lr=1e-2, grad_clip=0.0)
     same = FlowOPDConfig(teacher="x", teacher_cfg_scale=1.0)
-    grads, metrics = opd_grads(policy, copy.deepcopy(policy).requires_grad_(False), batch, same, cfg)
+    grads, metrics = opd_grads(policy, copy.deepcopy(policy).requires_grad_(False), batch, same, micro=4)
     assert metrics["distill_kl"] == 0 and all(g is None or g.abs().max() == 0 for g in grads)
     torch.manual_seed(2)
     teacher = FlowPolicy.build(tiny_flow_config()).requires_grad_(False)
     pol = copy.deepcopy(policy)
-    engine = TorchEngine.adamw(pol, cfg, grad_accum_steps(cfg, 4, 3))
-    kls = [flow_grpo_update(pol, None, batch, same, cfg, engine, torch.Generator(), teacher)["distill_kl"]
+    engine = adamw(PolicyVelocity(pol))
+    kls = [update(pol, batch, same, engine, micro=4, teacher=teacher, algo_cls=FlowOPD)[1]["distill_kl"]
            for _ in range(15)]
     assert kls[-1] < 0.5 * kls[0]
