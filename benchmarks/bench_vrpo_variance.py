@@ -26,12 +26,35 @@ import argparse
 import json
 import time
 
+
 import torch
 
 from rlgen.algos.vrpo import VRPOConfig, preference_score
 from rlgen.data.pairs import load_pairs
+from rlgen.families import family_of
 from rlgen.models import load_model
-from rlgen.runtime.preference_update import TextPairs, pad_answers
+
+
+class TextPairs:
+    """Token ids of pairs (what ``Family.prepare_pairs`` gives a VRPO job)."""
+
+    def __init__(self, prompt_ids, chosen_ids, rejected_ids, mask_id: int, eos_id: int):
+        self.prompt_ids, self.chosen_ids, self.rejected_ids = prompt_ids, chosen_ids, rejected_ids
+        self.mask_id, self.eos_id = mask_id, eos_id
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    @classmethod
+    def load(cls, pairs, policy) -> "TextPairs":
+        d = family_of(policy).prepare_pairs(policy, pairs)
+        return cls(d["prompt_ids"], d["chosen_ids"], d["rejected_ids"], policy.mask_id, d["eos_id"])
+
+
+def pad_answers(answers: list[list[int]], fill: int) -> torch.Tensor:
+    """Right-pad token lists to one length with ``fill`` (the EOS the sampler fills answers with)."""
+    width = max(len(a) for a in answers)
+    return torch.tensor([a + [fill] * (width - len(a)) for a in answers])  # (B, L)
 
 VARIANTS = {"naive": dict(allocation="naive", antithetic=False),
             "allocation": dict(allocation="optimal", antithetic=False),
@@ -97,7 +120,7 @@ def main(argv=None) -> dict:
     policy, ref = load_model(args.policy).eval(), load_model(args.reference).eval()
     pairs = load_pairs(args.pairs, modality="text")
     base = VRPOConfig(beta=args.beta, n_samples=args.n, form=args.form)
-    data = TextPairs.load(pairs, policy, base)
+    data = TextPairs.load(pairs, policy)
     idx = list(range(min(args.num_pairs, len(data))))
     t0 = time.time()
     res = {name: score_variance(policy, ref, data, idx, VRPOConfig(beta=args.beta, n_samples=args.n, form=args.form,

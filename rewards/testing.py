@@ -1,6 +1,6 @@
 """Fault injection for rehearsing worker failures (used by tests/runtime/test_faults.py).
 
-``FaultInjector`` scores like ``brightness`` and, on chosen calls, SIGKILLs the job's rollout
+``FaultInjector`` scores images like ``brightness`` (texts by their fraction of digits) and, on chosen calls, SIGKILLs the job's rollout
 workers or its own reward worker process — the faults a preempted or OOM-killed actor produces.
 Calls are counted in a file under ``marker_dir`` so the count survives the reward worker's restart.
 
@@ -61,4 +61,6 @@ class FaultInjector:
                 os.kill(pid, signal.SIGKILL)
         if n in self.kill_self_at and self._once("self", n):
             os.kill(os.getpid(), signal.SIGKILL)
+        if isinstance(samples, (list, tuple)) and samples and isinstance(samples[0], str):
+            return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in samples]
         return brightness(samples, prompts)

@@ -115,32 +115,32 @@ def case(fn):
 # configs: train_rl.main refuses before any folder is touched
 @case
 def config_unknown_key(tmp):
-    cfg = rl_yaml(tmp, "kind: flow_grpo\n")
-    return train_rl(["--config", str(cfg), "train.iteratoins=3"]), CLIError, r"unknown key 'train\.iteratoins'"
+    cfg = rl_yaml(tmp, "algo: {name: flow_grpo}\n")
+    return train_rl(["--config", str(cfg), "train.stesp=3"]), CLIError, r"unknown key 'train\.stesp'"
 
 
 @case
 def config_unknown_key_in_file(tmp):
-    cfg = rl_yaml(tmp, "kind: flow_grpo\nalgo: {clip_rnage: 0.1}\n")
+    cfg = rl_yaml(tmp, "algo: {name: flow_grpo, clip_rnage: 0.1}\n")
     return train_rl(["--config", str(cfg)]), CLIError, rf"{cfg}: unknown key 'algo\.clip_rnage'"
 
 
 @case
 def config_wrong_type(tmp):
-    cfg = rl_yaml(tmp, "kind: flow_grpo\ntrain: {iterations: many}\n")
-    return train_rl(["--config", str(cfg)]), CLIError, rf"{cfg}: key 'train\.iterations' must be an integer"
+    cfg = rl_yaml(tmp, "algo: {name: flow_grpo}\ntrain: {steps: many}\n")
+    return train_rl(["--config", str(cfg)]), CLIError, rf"{cfg}: key 'train\.steps' must be an integer"
 
 
 @case
 def config_wrong_type_override(tmp):
-    cfg = rl_yaml(tmp, "kind: flow_grpo\n")
+    cfg = rl_yaml(tmp, "algo: {name: flow_grpo}\n")
     return (train_rl(["--config", str(cfg), "run.tensorboard=maybe"]), CLIError,
             r"key 'run\.tensorboard' must be true or false")
 
 
 @case
 def config_bad_yaml(tmp):
-    cfg = write(tmp / "bad.yaml", "kind: flow_grpo\nrun: {name: existing\n")
+    cfg = write(tmp / "bad.yaml", "algo: {name: flow_grpo}\nrun: {name: existing\n")
     return train_rl(["--config", str(cfg)]), CLIError, rf"{cfg}: invalid YAML"
 
 
@@ -153,7 +153,7 @@ def config_unknown_kind(tmp):
 @case
 def config_pretrain_kind_given_to_train_rl(tmp):
     cfg = write(tmp / "bad.yaml", f"kind: flow_pretrain\nrun: {{root: {tmp / 'runs'}, name: existing}}\n")
-    return train_rl(["--config", str(cfg)]), CLIError, r"kind 'flow_pretrain' is not an RL/preference job"
+    return train_rl(["--config", str(cfg)]), CLIError, r"kind 'flow_pretrain' is a pretraining job"
 
 
 @case
@@ -165,7 +165,7 @@ def config_missing_file(tmp):
 def config_bad_reward_weight(tmp):
     from rlgen.config import ConfigError, load_config
 
-    cfg = rl_yaml(tmp, "kind: flow_grpo\nrewards: {shapes_verifier: lots}\n")
+    cfg = rl_yaml(tmp, "algo: {name: flow_grpo}\nrewards: {shapes_verifier: lots}\n")
     return lambda: load_config(cfg), ConfigError, r"key 'rewards\.shapes_verifier' must be a number"
 
 
@@ -255,13 +255,13 @@ def checkpoint_meta_wrong_model_type(tmp):
 def checkpoint_text_model_for_image_benchmark(tmp):
     run = tmp / "runs" / "existing"  # holds the arith masked LM
     return (evaluate(["--checkpoint", str(run), "--benchmark", "shapes"]), CLIError,
-            r"holds a MaskedDiffusionLM, not a flow image model")
+            r"the shapes benchmark scores flow image models; this checkpoint holds a MaskedDiffusionLM")
 
 
 @case
 def checkpoint_image_model_for_text_benchmark(tmp):
     return (evaluate(["--checkpoint", str(FLOW), "--benchmark", "countdown", "--set", "n_per_level=1"]), CLIError,
-            rf"{FLOW}: holds a FlowPolicy, not a masked-diffusion text model")
+            r"the countdown benchmark scores masked-diffusion text models; this checkpoint holds a FlowPolicy")
 
 
 # tokenizers
@@ -350,18 +350,21 @@ def prompts_outside_shapes_grammar(tmp):
 
 @case
 def prompts_rl_file_empty(tmp):
-    from rlgen.runtime.prompts import PromptsConfig, PromptSource
+    from rlgen.runtime.job import PromptsConfig
+    from rlgen.runtime.sources import PromptSource
 
     prompts = write(tmp / "prompts.txt", "\n# nothing\n")
-    return lambda: PromptSource(PromptsConfig(source="file", file=str(prompts)), 0), ValueError, rf"{prompts}: no prompts"
+    return (lambda: PromptSource(PromptsConfig(source="file", file=str(prompts)), 0, "image"), ValueError,
+            rf"{prompts}: no prompts")
 
 
 @case
 def prompts_rl_unknown_task_type(tmp):
-    from rlgen.runtime.prompts import PromptsConfig, PromptSource
+    from rlgen.runtime.job import PromptsConfig
+    from rlgen.runtime.sources import PromptSource
 
-    return (lambda: PromptSource(PromptsConfig(tasks=["counting", "colours"]), 0), ValueError,
-            r"prompts\.tasks: unknown task types \['colours'\]")
+    return (lambda: PromptSource(PromptsConfig(tasks=["counting", "colours"]), 0, "image"), ValueError,
+            r"prompts\.tasks: unknown shapes task types \['colours'\]")
 
 
 # reward outputs, through the mixer the RewardWorker runs

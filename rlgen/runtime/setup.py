@@ -143,3 +143,27 @@ def _build_pairs(cfg, base: Path, p: Path) -> None:
         samples_per_prompt=b.samples_per_prompt, out=str(out), strategy=b.strategy, margin=b.margin, seed=b.seed,
         num_steps=b.num_steps, cfg=b.cfg, noise_level=b.noise_level, temperature=b.temperature, batch_size=64,
         sheet_pairs=16, device=cfg.run.device, threads=cfg.run.num_threads, progress=cfg.run.progress))
+
+
+def check_teacher(algo, base: Path) -> None:
+    """A teacher the algorithm names must exist, be of the student's family and (masked LMs) share
+    its tokenizer and mask id: distillation compares distributions over the same token ids."""
+    from rlgen.models import detect_family, read_model_meta
+
+    spec = algo.teacher()
+    if spec is None or spec.kind != "policy":
+        if spec is not None and not Path(spec.path).exists():
+            raise ConfigError(f"algo.teacher: {spec.path} not found")
+        return
+    family = detect_family(spec.path)
+    if family != algo.family:
+        raise ConfigError(f"algo.teacher: {spec.path} holds a {family} model; the student is a {algo.family} model")
+    if family == "masked_lm":
+        from rlgen.data.tokenizer import load_tokenizer
+        from rlgen.runtime.rundir import resolve_checkpoint
+
+        t, s = resolve_checkpoint(spec.path), resolve_checkpoint(base)
+        if load_tokenizer(t).get_vocab() != load_tokenizer(s).get_vocab() or \
+                read_model_meta(t).get("mask_id") != read_model_meta(s).get("mask_id"):
+            raise ConfigError(f"algo.teacher: {spec.path}: its tokenizer (or mask id) differs from the student's "
+                              f"({base}); on-policy distillation compares distributions over the same token ids")

@@ -65,17 +65,23 @@ class Trainer:
     def _check_inputs(self) -> tuple[Path, Path | None]:
         from rlgen.evaluate import check_options
         from rlgen.families import get_family
-        from rlgen.runtime.setup import base_checkpoint, check_eval_files, check_resume, policy_family
+        from rlgen.runtime.setup import (base_checkpoint, check_eval_files, check_resume, check_teacher,
+                                         policy_family)
 
         c = self.cfg
         self.algo.check_job(c)
         base = base_checkpoint(c.policy)
         family = policy_family(base, self.algo)
+        check_teacher(self.algo, base)
         self.modality = get_family(family).modality
         if self.online:
             from rlgen.runtime.sources import PromptSource
 
             self.prompt_source = PromptSource(c.prompts, c.run.seed, self.modality)
+            if c.prompts.source == "file" and {"shapes_verifier", "shapes_pass"} & set(c.rewards):
+                from rlgen.eval.shapes import read_prompt_file
+
+                read_prompt_file(c.prompts.file)  # the verifier's grammar: a bad line now, not after rollouts
         else:
             from rlgen.runtime.setup import load_pair_set
 

@@ -76,7 +76,9 @@ def test_winner_and_loser_share_noise_and_sigma():
 
 
 def test_registered():
-    assert ALGORITHMS.get("diffusion_dpo") is loss
+    from rlgen.algos.diffusion_dpo import DiffusionDPO
+
+    assert ALGORITHMS.get("diffusion_dpo") is DiffusionDPO and DiffusionDPO.data == "pairs"
 
 
 def test_config_checks():

@@ -110,7 +110,9 @@ def test_variance_reduction_at_equal_budget(models):
 
 
 def test_registered_and_config_checks():
-    assert ALGORITHMS.get("vrpo") is dpo_loss
+    from rlgen.algos.vrpo import VRPO
+
+    assert ALGORITHMS.get("vrpo") is VRPO and VRPO.family == "masked_lm"
     with pytest.raises(ValueError, match="allocation"):
         VRPOConfig(allocation="stratified")
 
@@ -121,7 +123,6 @@ def test_bench_elbo_variance_matches_direct_draws(models):
     import importlib.util
     from pathlib import Path
 
-    from rlgen.runtime.preference_update import TextPairs
     from rlgen.samplers.likelihood import elbo_l
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_vrpo_variance.py"
@@ -130,7 +131,7 @@ def test_bench_elbo_variance_matches_direct_draws(models):
     spec.loader.exec_module(bench)
     _, ref = models
     p, w, l = batch(B=3)
-    data = TextPairs(p.tolist(), w.tolist(), l.tolist(), ref.mask_id, ref.eos_id, VRPOConfig())
+    data = bench.TextPairs(p.tolist(), w.tolist(), l.tolist(), ref.mask_id, ref.eos_id)
     got = bench.elbo_variance(ref, data, [0, 1, 2], n=4, allocation="naive", form="l", repeats=6, seed=2)
     with torch.no_grad():
         draws = torch.stack([elbo_l(ref, torch.cat([p, p]), torch.cat([w, l]), ref.mask_id, 4,

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
+from rlgen.families import LoraSpec, get_family
+from rlgen.families.flow import ImageRolloutConfig
 from rlgen.models.flow import FlowPolicy
-from rlgen.runtime.flow_update import apply_lora
-from rlgen.runtime.learner import trainable_parameters
-from rollouts.image import ImageRolloutConfig
+from rlgen.runtime.engine import trainable_parameters
 from rollouts.worker import RolloutWorker
 from tests.tests_helpers import tiny_flow_policy
 
@@ -27,14 +27,14 @@ def velocity(policy, seed=0):
 
 def test_lora_adapter_weights_sync_onto_the_workers_base(policy_dir, one_thread):
     learner = FlowPolicy.from_pretrained(policy_dir)
-    apply_lora(learner, rank=2)
+    get_family("flow").add_lora(learner, LoraSpec(rank=2))
     with torch.no_grad():  # a trained adapter: B is no longer zero
         for _, p in trainable_parameters(learner):
             p.add_(0.05 * torch.randn_like(p))
     adapter = {n: p.detach().numpy().copy() for n, p in trainable_parameters(learner)}
     assert adapter and all("lora_" in n for n in adapter)
 
-    worker = RolloutWorker(str(policy_dir), ImageRolloutConfig(), num_threads=1, device="cpu", lora_rank=2)
+    worker = RolloutWorker(str(policy_dir), {}, ImageRolloutConfig(), LoraSpec(rank=2), num_threads=1, device="cpu")
     base_v = velocity(worker.policy)
     assert worker.load_weights(3, adapter) == 3
     v = velocity(worker.policy)
@@ -43,7 +43,7 @@ def test_lora_adapter_weights_sync_onto_the_workers_base(policy_dir, one_thread)
 
 
 def test_full_weights_must_cover_every_parameter(policy_dir, one_thread):
-    worker = RolloutWorker(str(policy_dir), ImageRolloutConfig(), num_threads=1, device="cpu")
+    worker = RolloutWorker(str(policy_dir), {}, ImageRolloutConfig(), num_threads=1, device="cpu")
     state = {n: p.detach().numpy().copy() for n, p in worker.policy.named_parameters()}
     name = next(iter(state))
     partial = {k: v for k, v in state.items() if k != name}

@@ -17,10 +17,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def job(tmp_path, policy, name, iterations, extra=()):
     return ["--config", "configs/rl/flow_grpo_shapes.yaml", f"run.root={tmp_path}", f"run.name={name}",
             "run.progress=false", "run.tensorboard=false", f"policy.checkpoint={policy}",
-            "rewards={'rewards.examples:brightness': 1.0}", "prompts.per_iteration=2", "prompts.group_size=4",
+            "rewards={'rewards.examples:brightness': 1.0}", "prompts.per_step=2", "prompts.group_size=4",
             "rollout.num_steps=4", "rollout.sde_window=0", "rollout.batch_size=8", "learner.micro_batch_size=4",
-            "learner.num_minibatches=1", "learner.timestep_fraction=0.5", "learner.lora_rank=0",
-            "learner.lr=0.003", "algo.kl_beta=0", "algo.clip_range=1.0", f"train.iterations={iterations}", "train.save_every=1",
+            "algo.num_minibatches=1", "algo.timestep_fraction=0.5", "policy.lora.rank=0",
+            "optim.lr=0.003", "algo.kl_beta=0", "algo.clip_range=1.0", f"train.steps={iterations}", "train.save_every=1", "train.max_minutes=0",
             "train.keep_checkpoints=10", "train.grid_every=0", "eval.benchmark=", "train.async_rollouts=true",
             "resources.rollout_threads=1", "resources.learner_threads=1", *extra]
 
@@ -29,19 +29,19 @@ def resampled_reward(run, it: int, ckpt: int) -> float:
     """Mean brightness of iteration ``it``'s rollouts drawn here with checkpoints/<ckpt>."""
     from rlgen.config import load_config
     from rlgen.models import load_model
-    from rlgen.runtime.prompts import PromptSource
+    from rlgen.families.flow import rollout_images
+    from rlgen.runtime.sources import PromptSource
     from rlgen.utils import derive_seed
-    from rollouts.image import rollout_images
 
     cfg = load_config(run / "config.yaml")
-    prompts = PromptSource(cfg.prompts, cfg.run.seed).sample(it)  # one rollout worker: one shard
+    prompts = [x["prompt"] for x in PromptSource(cfg.prompts, cfg.run.seed, "image").sample(it)]  # one worker: one shard
     g = cfg.prompts.group_size
     group = [p for p in prompts for _ in range(g)]
     gids = torch.tensor([i for i in range(len(prompts)) for _ in range(g)])
     policy = load_model(run / "checkpoints" / str(ckpt)).eval()
     gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, it, 0))
     ro = rollout_images(policy, group, gids, cfg.rollout, gen)
-    return ro.samples.float().flatten(1).mean(1).mean().item()
+    return ro.images.float().flatten(1).mean(1).mean().item()
 
 
 @pytest.mark.parametrize("transport", ["object_store", pytest.param("collective", marks=pytest.mark.slow)])

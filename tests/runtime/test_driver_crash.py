@@ -1,6 +1,6 @@
-"""Driver crash (issue #8): SIGKILL train_rl.py while it writes a checkpoint, resume with
-run.resume=auto, and finish with the same metrics steps and the same final weights as an
-uninterrupted run of the same seed (CPU)."""
+"""Driver crash: SIGKILL train_rl.py while it writes a checkpoint, resume with run.resume=auto, and
+finish with the same metrics steps and the same final weights as an uninterrupted run of the same
+seed (CPU) — for an image RL job, a text RL job and an offline preference job alike."""
 import os
 import shutil
 import signal
@@ -13,23 +13,23 @@ from pathlib import Path
 import pytest
 
 from rlgen.runtime.rundir import find_latest_checkpoint, read_metrics
+from tests.runtime.test_jobs_e2e import job_args
+from tests.runtime.tiny import save_tiny_lm
 from tests_helpers import tiny_flow_policy
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def args(root, policy, name, ray_tmp, iterations=4, resume="no"):
-    return ["--config", "configs/rl/flow_grpo_shapes.yaml", f"run.root={root}", f"run.name={name}",
-            f"run.resume={resume}", "run.progress=false", "run.tensorboard=false", f"policy.checkpoint={policy}",
-            "rewards={'rewards.examples:brightness': 1.0}", "prompts.per_iteration=2", "prompts.group_size=4",
-            "rollout.num_steps=4", "rollout.batch_size=8", "learner.micro_batch_size=4",
-            "learner.timestep_fraction=0.5", f"train.iterations={iterations}", "train.save_every=1",
-            "train.keep_checkpoints=10", "train.grid_every=0", "eval.benchmark=", f"ray.temp_dir={ray_tmp}",
-            "resources.rollout_threads=1", "resources.learner_threads=1"]
+def args(root, models, name, job, ray_tmp, steps=4, resume="no"):
+    config, *extra = job_args(job, Path(root), models)
+    return ["--config", config, f"run.root={root}", f"run.name={name}", f"run.resume={resume}", "run.progress=false",
+            "run.tensorboard=false", *extra, f"train.steps={steps}", "train.save_every=1", "train.keep_checkpoints=10",
+            "train.grid_every=0", "train.max_minutes=0", "eval.benchmark=", f"ray.temp_dir={ray_tmp}",
+            "resources.rollout_threads=1", "resources.learner_threads=1", "ray.num_cpus=3"]
 
 
 def kill_cluster(ray_tmp: str) -> None:
-    """A SIGKILLed driver cannot stop the local Ray cluster it started: stop that one (only)."""
+    """Stop what is left of the Ray cluster that ``ray_tmp`` names (only that one)."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -45,14 +45,16 @@ def weights(ckpt: Path) -> dict:
     return {n: p.detach().clone() for n, p in load_model(ckpt).named_parameters()}
 
 
-@pytest.mark.slow  # three short Ray jobs
-def test_sigkill_during_a_checkpoint_write_then_resume_matches_an_uninterrupted_run(tmp_path):
-    policy = tiny_flow_policy(tmp_path / "tiny")
+@pytest.mark.slow  # three short Ray jobs per case
+@pytest.mark.parametrize("job", ["flow_grpo", "mdm_grpo", "diffusion_dpo"])
+def test_sigkill_during_a_checkpoint_write_then_resume_matches_an_uninterrupted_run(tmp_path, job):
+    models = {"flow": tiny_flow_policy(tmp_path / "tiny"), "lm": tmp_path / "lm"}
+    save_tiny_lm(models["lm"], max_length=16)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     ray_tmp = tempfile.mkdtemp(prefix="rlk_")
     try:
         # 1. crash: wait until the driver is writing checkpoint 2 (its temp folder exists), then kill -9
-        proc = subprocess.Popen([sys.executable, "train_rl.py", *args(tmp_path, policy, "crash", ray_tmp)],
+        proc = subprocess.Popen([sys.executable, "train_rl.py", *args(tmp_path, models, "crash", job, ray_tmp)],
                                 cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         ckpts = tmp_path / "crash" / "checkpoints"
         deadline = time.time() + 600
@@ -65,12 +67,11 @@ def test_sigkill_during_a_checkpoint_write_then_resume_matches_an_uninterrupted_
         latest = find_latest_checkpoint(tmp_path / "crash")
         assert latest is not None and latest.name == "1"  # the half-written 2 is never "latest"
 
-        # 2. resume to the end
         import train_rl
 
-        assert train_rl.main(args(tmp_path, policy, "crash", ray_tmp, resume="auto")) == 0
-        # 3. the same job, never interrupted
-        assert train_rl.main(args(tmp_path, policy, "straight", ray_tmp)) == 0
+        # 2. resume to the end; 3. the same job, never interrupted
+        assert train_rl.main(args(tmp_path, models, "crash", job, ray_tmp, resume="auto")) == 0
+        assert train_rl.main(args(tmp_path, models, "straight", job, ray_tmp)) == 0
     finally:
         kill_cluster(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)

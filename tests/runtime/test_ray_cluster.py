@@ -59,7 +59,7 @@ def test_tiny_job_on_a_running_cluster(tmp_path, head_node):
     policy = tiny_flow_policy(tmp_path / "policy")
     args = ["--config", "configs/rl/flow_grpo_shapes.yaml", f"ray.address={head_node}", f"run.root={tmp_path}",
             "run.name=cluster", "run.progress=false", "run.tensorboard=false", f"policy.checkpoint={policy}",
-            "rewards={'rewards.examples:brightness': 1.0}", "prompts.per_iteration=2", "prompts.group_size=2",
-            "rollout.num_steps=3", "learner.micro_batch_size=2", "train.iterations=1", "eval.benchmark=''"]
+            "rewards={'rewards.examples:brightness': 1.0}", "prompts.per_step=2", "prompts.group_size=2",
+            "rollout.num_steps=3", "learner.micro_batch_size=2", "train.steps=1", "eval.benchmark=''"]
     assert train_rl.main(args) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "cluster")] == [0, 1]

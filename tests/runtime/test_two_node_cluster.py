@@ -102,8 +102,8 @@ def test_job_submitted_to_two_nodes_spreads_roles(tmp_path, two_nodes):
     policy = tiny_flow_policy(tmp_path / "policy")
     job = [sys.executable, "train_rl.py", "--config", "configs/rl/flow_grpo_shapes.yaml", "ray.address=auto",
            f"run.root={tmp_path}", "run.name=two_nodes", "run.progress=false", "run.tensorboard=false",
-           f"policy.checkpoint={policy}", "rewards={'rewards.examples:brightness': 1.0}", "prompts.per_iteration=2",
-           "prompts.group_size=2", "rollout.num_steps=3", "learner.micro_batch_size=2", "train.iterations=2",
+           f"policy.checkpoint={policy}", "rewards={'rewards.examples:brightness': 1.0}", "prompts.per_step=2",
+           "prompts.group_size=2", "rollout.num_steps=3", "learner.micro_batch_size=2", "train.steps=2",
            "train.grid_every=0", "eval.benchmark=", "resources.rollout_threads=1", "resources.learner_threads=1",
            "resources.learner_resources={rlgen_head: 1}", "resources.rollout_resources={rlgen_worker: 1}",
            "resources.reward_resources={rlgen_worker: 1}"]

@@ -13,18 +13,19 @@ import pytest
 import torch
 
 from rlgen.algos.flow_grpo import FlowGRPOConfig
-from rlgen.runtime.flow_update import LearnerConfig
+from rlgen.families import LoraSpec
+from rlgen.runtime.engine import OptimConfig
 from tests_helpers import tiny_flow_policy
 
 ray = pytest.importorskip("ray")
 # the helpers below run inside actors, where this test module is not importable: ship them by value
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-LORA = dict(lora_rank=4, lora_alpha=4.0, lora_targets=["to_q", "to_k", "to_v", "to_out.0"])
+LORA = LoraSpec(rank=4, alpha=4.0, targets=["to_q", "to_k", "to_v", "to_out.0"])
 
 
 def _perturb(learner, seed: int) -> None:
     """Move the learner's trainable weights (as an update would), on every rank alike."""
-    from rlgen.runtime.learner import trainable_parameters
+    from rlgen.runtime.engine import trainable_parameters
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -39,18 +40,18 @@ def _named(worker) -> dict:
 @pytest.fixture(scope="module")
 def actors(tmp_path_factory):
     from rlgen.runtime.cluster import RayConfig, init_ray
-    from rlgen.runtime.learner import LearnerGroup
-    from rollouts.image import ImageRolloutConfig
+    from rlgen.families.flow import ImageRolloutConfig
+    from rlgen.runtime.learner import LearnerGroup, LearnerSpec
     from rollouts.worker import RolloutWorker
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     policy = tiny_flow_policy(tmp_path_factory.mktemp("sync") / "policy")
     started = init_ray(RayConfig(num_cpus=3, temp_dir=tempfile.mkdtemp(prefix="rlgen_ws_", dir="/tmp")), 3)
-    learners = LearnerGroup(str(policy), LearnerConfig(micro_batch_size=2, **LORA), FlowGRPOConfig(kl_beta=0.0),
-                            batch_size=2, num_sde_steps=2, num_cpus=1, num_threads=1)
+    learners = LearnerGroup(LearnerSpec(str(policy), {}, LORA, FlowGRPOConfig(kl_beta=0.0), OptimConfig()), 1,
+                            num_cpus=1)
     worker = ray.remote(num_cpus=0.5, max_restarts=1)(RolloutWorker)
-    workers = [worker.remote(str(policy), ImageRolloutConfig(), 1, "cpu", i, **LORA) for i in range(2)]
+    workers = [worker.remote(str(policy), {}, ImageRolloutConfig(), LORA, 1, "cpu", i) for i in range(2)]
     yield learners, workers
     learners.shutdown()
     if started:

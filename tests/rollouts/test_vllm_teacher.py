@@ -23,10 +23,11 @@ def test_vllm_teacher_scores_student_tokens_like_transformers(models):
     from transformers import AutoModelForCausalLM
 
     from rlgen.models import load_model
-    from rlgen.runtime.opd import VLLMTeacher
+    from rollouts.vllm_engine import VLLMTeacher
 
     student = load_model(models[0])
-    teacher = VLLMTeacher(str(models[1]), student)
+    teacher = VLLMTeacher(str(models[1]))
+    teacher.check_vocab(len(student.tokenizer.get_vocab()))
     try:
         tok = student.tokenizer
         rows = [tok.encode("12+34=") + tok.encode("64") + [tok.eos_token_id], tok.encode("07-05=") + tok.encode("200")]
@@ -49,8 +50,9 @@ def test_text_opd_with_a_vllm_teacher_runs(tmp_path, models):
 
     args = ["--config", "configs/opd/mdm_opd_arith.yaml", f"run.root={tmp_path}", "run.name=v",
             f"policy.checkpoint={models[0]}", f"algo.teacher={models[1]}", "algo.teacher_kind=vllm",
-            "run.tensorboard=false", "run.progress=false", "problems.per_iteration=4", "problems.group_size=2",
-            "train.iterations=2", "train.max_minutes=0", "eval.every=2", "eval.n_per_level=4", "eval.pass_k=0"]
+            "run.tensorboard=false", "run.progress=false", "prompts.per_step=4", "prompts.group_size=2",
+            "train.steps=2", "train.max_minutes=0", "eval.every=2", "eval.options={n_per_level: 4}", "eval.pass_k=0",
+            "resources.rollout_threads=1", "resources.learner_threads=1"]
     assert train_rl.main(args) == 0
     rows = read_metrics(tmp_path / "v")
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[1]["distill_kl"] != 0

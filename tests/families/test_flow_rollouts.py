@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rollouts.image import sde_mask_for
+from rlgen.families.flow import sde_mask_for
 
 
 def test_window_at_a_fixed_start_covers_exactly_those_steps():
