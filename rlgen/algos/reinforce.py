@@ -52,6 +52,8 @@ class Reinforce(Algorithm):
                 v = ctx.engine(mb.prompts, x.to(dtype), sigma, mb.cfg_scale)
                 out = sde_step(x, v, float(mb.sigmas[j]), float(mb.sigmas[j + 1]), mb.noise_level, prev_sample=x_next)
                 log_prob = out.log_prob / x[0].numel()  # (b,) per-dimension scale
-                ctx.engine.backward(-(adv * log_prob).sum() / batch.global_size)
-                acc.add({"log_prob": float(log_prob.mean())}, len(mb))
+                loss = -(adv * log_prob).sum() / batch.global_size
+                ctx.engine.backward(loss)
+                acc.add({"loss": float(loss.detach()) * batch.global_size / len(mb), "log_prob": float(log_prob.mean())},
+                        len(mb))
         return {**acc.mean(), "grad_norm": ctx.engine.step()}
