@@ -47,6 +47,7 @@ class AestheticTrain:
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    checkpoint_every: int = 0       # steps (0 = only at the end)
 
 
 @register_config("aesthetic_pretrain")
@@ -165,7 +166,8 @@ class AestheticTask:
         self.cfg, self.result = cfg, None
 
     def plan(self) -> LoopPlan:
-        return LoopPlan(last_step=self.cfg.train.steps, log_every=100, label="aesthetic head")
+        t = self.cfg.train
+        return LoopPlan(last_step=t.steps, log_every=100, checkpoint_every=t.checkpoint_every, label="aesthetic head")
 
     def init(self, resume: Path | None) -> None:
         from rewards.clip_score import ClipEmbedder

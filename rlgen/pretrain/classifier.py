@@ -34,6 +34,7 @@ class ClassifierTrain:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     augment_shift: int = 2     # random translation in pixels: generated samples are not centred exactly
+    checkpoint_every: int = 0  # steps (0 = only at the end)
 
 
 @register_config("classifier_pretrain")
@@ -70,7 +71,8 @@ class ClassifierTask:
         self.cfg, self.result = cfg, None
 
     def plan(self) -> LoopPlan:
-        return LoopPlan(last_step=self.steps, log_every=50, label="classifier")
+        return LoopPlan(last_step=self.steps, log_every=50, checkpoint_every=self.cfg.train.checkpoint_every,
+                        label="classifier")
 
     def init(self, resume: Path | None) -> None:
         cfg, t = self.cfg, self.cfg.train

@@ -32,7 +32,8 @@ Checkpoint layout (DESIGN.md, Conventions → Runs), the same for every kind::
 
     checkpoints/<step>/            the published model (task.save), config.yaml, [eval.json]
     checkpoints/<step>/trainer_state/
-        state.json                 step, wall time so far, that step's metrics row, task state
+        state.json                 step, wall time so far, that step's metrics row, the logging
+                                   window not yet logged, task state
         rng.pt                     global torch / CUDA / numpy / random RNG states
         model.safetensors, optimizer.pt …   the task's own (tensors: safetensors; the rest
                                    torch.save, read back with ``weights_only=True``)
@@ -161,11 +162,12 @@ class _Run:
         self.cfg, self.task, self.plan = cfg, task, plan
         self.run_dir = cfg.run.dir
         self.step, self.elapsed_before = 0, 0.0
+        self.window: list[dict] = []  # training scalars of the steps since the last row that logged them
         if resume is not None:
             state = json.loads((resume / STATE_DIR / "state.json").read_text())
             self.step, self.elapsed_before = int(state["step"]), float(state["elapsed_s"])
+            self.window = list(state.get("window", []))
         self.t0 = self.last_save = self.last_log = time.time()
-        self.window: list[dict] = []
         self.checkpoint: Path | None = None
 
     def elapsed(self) -> float:
@@ -199,7 +201,8 @@ class _Run:
             task_state = self.task.save(d)
             save_config(self.cfg, d / "config.yaml")
             save_torch_state(d / STATE_DIR / "rng.pt", _rng_state())
-            state = {"step": step, "elapsed_s": self.elapsed(), "metrics": row, "task": task_state}
+            state = {"step": step, "elapsed_s": self.elapsed(), "metrics": row, "window": self.window,
+                     "task": task_state}
             (d / STATE_DIR / "state.json").write_text(json.dumps(state, indent=1) + "\n")
             result = report() if report is not None else None
             if result is not None:
