@@ -49,7 +49,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -77,11 +77,15 @@ class LoopPlan:
 
 
 class PretrainTask(Protocol):
-    def plan(self) -> LoopPlan: ...
+    """What ``run_pretraining`` calls, in this order: init → load (when resuming) → plan → then
+    train_step / evaluate / save per step. ``evaluate(step) -> dict`` and ``report() -> dict | None``
+    are optional (see the module docstring)."""
+
     def init(self, resume: Path | None) -> None: ...
+    def load(self, d: Path, state: dict) -> None: ...
+    def plan(self) -> LoopPlan: ...
     def train_step(self, step: int) -> dict: ...
     def save(self, d: Path) -> dict: ...
-    def load(self, d: Path, state: dict) -> None: ...
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,15 +162,13 @@ def resume_source(cfg) -> Path | None:
 class _Run:
     """The state of one call of ``run_pretraining``: what was done, when, and the window to log."""
 
-    def __init__(self, cfg, task, plan: LoopPlan, resume: Path | None):
+    def __init__(self, cfg, task, plan: LoopPlan, state: dict | None):
         self.cfg, self.task, self.plan = cfg, task, plan
         self.run_dir = cfg.run.dir
-        self.step, self.elapsed_before = 0, 0.0
-        self.window: list[dict] = []  # training scalars of the steps since the last row that logged them
-        if resume is not None:
-            state = json.loads((resume / STATE_DIR / "state.json").read_text())
-            self.step, self.elapsed_before = int(state["step"]), float(state["elapsed_s"])
-            self.window = list(state.get("window", []))
+        state = state or {}  # a resumed checkpoint's trainer_state/state.json
+        self.step, self.elapsed_before = int(state.get("step", 0)), float(state.get("elapsed_s", 0.0))
+        # training scalars of the steps since the last row that logged them
+        self.window: list[dict] = list(state.get("window", []))
         self.t0 = self.last_save = self.last_log = time.time()
         self.checkpoint: Path | None = None
 
@@ -227,12 +229,13 @@ def _fit(cfg, task) -> Path:
     from tqdm.auto import tqdm
 
     resume = resume_source(cfg)
+    state = json.loads((resume / STATE_DIR / "state.json").read_text()) if resume is not None else None
     task.init(resume)
     if resume is not None:
-        task.load(resume, json.loads((resume / STATE_DIR / "state.json").read_text()).get("task") or {})
-        _set_rng_state(load_torch_state(resume / STATE_DIR / "rng.pt"))
+        task.load(resume, state.get("task") or {})
+        _set_rng_state(load_torch_state(resume / STATE_DIR / "rng.pt"))  # last: init may have drawn
     plan = task.plan()
-    run = _Run(cfg, task, plan, resume)
+    run = _Run(cfg, task, plan, state)
     prepare_run_dir(cfg)  # after init: config.yaml records what the task filled in
     logger = MetricsLogger(run.run_dir, cfg.run.tensorboard, resume_step=run.step if resume is not None else None)
     bar = tqdm(total=plan.last_step, initial=run.step, disable=not cfg.run.progress, desc=plan.label)
@@ -259,7 +262,3 @@ def _fit(cfg, task) -> Path:
     # nothing left to train (resumed at the end): the newest checkpoint stands
     return run.checkpoint or find_latest_checkpoint(run.run_dir)
 
-
-def scalars(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """The int/float entries of ``d`` (not bools), keys prefixed: what a metrics row can hold."""
-    return {prefix + k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
