@@ -83,9 +83,10 @@ def _import_builtin_kinds() -> None:
     # Modules that register job configs; imported lazily so `import rlgen.config` stays light.
     import importlib
 
-    for mod in ("rlgen.pretrain.flow_matching", "rlgen.pretrain.masked_diffusion", "rlgen.pretrain.clip",
-                "rlgen.pretrain.classifier", "rlgen.pretrain.aesthetic", "rlgen.pretrain.ar_lm",
-                "rlgen.runtime.job"):
+    from rlgen.registry import PRETRAINERS
+
+    PRETRAINERS.names()  # imports every pretraining module: their kinds register beside their trainers
+    for mod in ("rlgen.runtime.job",):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -124,3 +124,23 @@ def register_algorithm(name: str) -> Callable:
 
 def register_benchmark(name: str) -> Callable:
     return BENCHMARKS.register(name)
+
+
+def _pretrain_modules() -> tuple[str, ...]:
+    """Every module of rlgen/pretrain registers its kind (config + task) on import: adding a
+    pretraining kind is adding one module there, no list to edit."""
+    import pkgutil
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent / "pretrain"
+    return tuple(f"rlgen.pretrain.{m.name}" for m in pkgutil.iter_modules([str(here)])
+                 if not m.name.startswith("_") and m.name != "loop")
+
+
+# Pretraining kinds: config ``kind`` → task class (``rlgen.pretrain.loop``'s task protocol),
+# registered beside the config class with ``@register_pretrainer(kind)``.
+PRETRAINERS = Registry("pretrainer", _pretrain_modules())
+
+
+def register_pretrainer(kind: str) -> Callable:
+    return PRETRAINERS.register(kind)

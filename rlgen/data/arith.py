@@ -21,17 +21,76 @@ the benchmark's harder difficulty is pm2. Measured here (d=128 × 4, batch 128):
 different layouts learn nearly independently and slowly — in a pm2/pm3 mix pm2 was still at 5%
 after 3,500 steps, while pm2 alone reached 83% at 1,500 and the pm1@2 + pm2 mix passed 31% (pm2)
 at 1,000 steps. pm1@2 has only ~155 distinct problems (~16 held out), so its accuracy is coarse.
+
+Verifier (``verify_arith``; the ``arith_verifier`` / ``arith_partial`` rewards wrap it): the answer
+is read back as reversed digits with an optional trailing '-', any zero-padding, and compared with
+the exact value; partial credit is 0.9 × the fraction of slots matching the reference answer.
 """
 from __future__ import annotations
 
 import random
 import re
 
-from rewards.text_verifiers import arith_width, format_arith_answer, parse_arith, verify_arith
+from rlgen.data.completion import clean_completion
 
 _LEVEL = re.compile(r"pm(\d)(?:@(\d))?|mul(\d)x(\d)")
 
 
+# ----------------------------------------------------------------------------------------------
+# The verifier: exact integer arithmetic on the reversed answer
+# ----------------------------------------------------------------------------------------------
+_ARITH = re.compile(r"(\d{1,9})([+\-*])(\d{1,9})")
+_ARITH_ANSWER = re.compile(r"(\d+)(-?)")
+
+
+def parse_arith(expression: str) -> tuple[str, str, str]:
+    m = _ARITH.fullmatch(expression)
+    if m is None:
+        raise ValueError(f"arith expression {expression!r} is not <digits><+|-|*><digits>")
+    return m.group(1), m.group(2), m.group(3)
+
+
+def arith_value(expression: str) -> int:
+    a, op, b = parse_arith(expression)
+    return {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+
+
+def arith_width(expression: str) -> int:
+    a, op, b = parse_arith(expression)
+    return len(a) + len(b) if op == "*" else max(len(a), len(b)) + 1
+
+
+def format_arith_answer(expression: str) -> str:
+    """The reversed, zero-padded answer the model is trained to write."""
+    value, width = arith_value(expression), arith_width(expression)
+    if parse_arith(expression)[1] == "-":  # width-1 digits, then the sign slot
+        return str(abs(value)).zfill(width - 1)[::-1] + ("-" if value < 0 else "0")
+    return str(value).zfill(width)[::-1]
+
+
+def read_arith_answer(text: str) -> int | None:
+    """Reversed digits (any zero-padding) with an optional trailing '-' → int; None if malformed."""
+    m = _ARITH_ANSWER.fullmatch(text)
+    if m is None:
+        return None
+    value = int(m.group(1)[::-1])
+    return -value if m.group(2) else value
+
+
+def verify_arith(problem: dict, text: str, partial: bool = False) -> float:
+    """1 if the reversed answer has the right value; partial: fraction of slots matching."""
+    text = clean_completion(text)
+    if read_arith_answer(text) == arith_value(problem["expression"]):
+        return 1.0
+    if not partial:
+        return 0.0
+    ref = format_arith_answer(problem["expression"])
+    return 0.9 * sum(a == b for a, b in zip(text, ref)) / len(ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------------------------
 class ArithTask:
     name = "arith"
     fields = {"expression": str}

@@ -20,13 +20,20 @@ slowed n3 down (configs/pretrain/mdm_countdown.yaml). The generation length fits
 expression of ≤ D-digit numbers with minimal parentheses: K·D digits + (K−1) operators +
 2·(K−2) parentheses, D = digits of the largest number (1 for generated problems; 2 or more for
 problems from files).
+
+Verifier (``verify_countdown``; the ``countdown_verifier`` / ``countdown_partial`` rewards wrap it):
+an infix expression over + - * / and parentheses using each given number at most once, equal to
+the target. Parsed by recursive descent (no ``eval``), evaluated exactly with Fractions; unary
+minus, division by zero, numbers with leading zeros and over-long input fail.
 """
 from __future__ import annotations
 
 import random
 import re
+from collections import Counter
+from fractions import Fraction
 
-from rewards.text_verifiers import verify_countdown
+from rlgen.data.completion import clean_completion
 
 _LEVEL = re.compile(r"n(\d)")
 NUMBER_RANGE = (1, 9)  # single digits: short, fixed-width answers per level
@@ -76,6 +83,116 @@ def build_target(rng: random.Random, numbers: list[int], target_range=TARGET_RAN
     return None
 
 
+# ----------------------------------------------------------------------------------------------
+# The verifier: a recursive-descent parser (no eval) and exact Fractions
+# ----------------------------------------------------------------------------------------------
+class ExpressionError(ValueError):
+    """The completion is not a well-formed countdown expression."""
+
+
+_TOKEN = re.compile(r"\s*(?:(\d+)|([-+*/()]))")
+MAX_EXPR_CHARS = 64
+MAX_DEPTH = 8
+
+
+def _tokenize(text: str) -> list[str]:
+    if len(text) > MAX_EXPR_CHARS:
+        raise ExpressionError(f"expression longer than {MAX_EXPR_CHARS} characters")
+    tokens, pos = [], 0
+    text = text.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            raise ExpressionError(f"unexpected character {text[pos:].lstrip()[:1]!r} at {pos}")
+        tok = m.group(1) or m.group(2)
+        if m.group(1) and (len(tok) > 6 or (len(tok) > 1 and tok[0] == "0")):
+            raise ExpressionError(f"bad number {tok!r} (leading zero or too long)")
+        tokens.append(tok)
+        pos = m.end()
+    if not tokens:
+        raise ExpressionError("empty expression")
+    return tokens
+
+
+class _Parser:
+    """expr := term (('+'|'-') term)* ; term := factor (('*'|'/') factor)* ;
+    factor := NUMBER | '(' expr ')'. Values are Fractions; every number read is recorded."""
+
+    def __init__(self, tokens: list[str]):
+        self.tokens, self.pos, self.numbers = tokens, 0, []
+
+    def peek(self) -> str | None:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def take(self) -> str:
+        tok = self.peek()
+        if tok is None:
+            raise ExpressionError("unexpected end of expression")
+        self.pos += 1
+        return tok
+
+    def expr(self, depth: int) -> Fraction:
+        value = self.term(depth)
+        while self.peek() in ("+", "-"):
+            value = value + self.term(depth) if self.take() == "+" else value - self.term(depth)
+        return value
+
+    def term(self, depth: int) -> Fraction:
+        value = self.factor(depth)
+        while self.peek() in ("*", "/"):
+            op, rhs = self.take(), self.factor(depth)
+            if op == "/" and rhs == 0:
+                raise ExpressionError("division by zero")
+            value = value * rhs if op == "*" else value / rhs
+        return value
+
+    def factor(self, depth: int) -> Fraction:
+        tok = self.take()
+        if tok == "(":
+            if depth >= MAX_DEPTH:
+                raise ExpressionError(f"parentheses nested deeper than {MAX_DEPTH}")
+            value = self.expr(depth + 1)
+            if self.take() != ")":
+                raise ExpressionError("missing ')'")
+            return value
+        if tok.isdigit():
+            self.numbers.append(int(tok))
+            return Fraction(int(tok))
+        raise ExpressionError(f"expected a number or '(', got {tok!r}")
+
+
+def evaluate_countdown(text: str) -> tuple[Fraction, list[int]]:
+    """Exact value of an arithmetic expression and the numbers it uses; ExpressionError if bad."""
+    parser = _Parser(_tokenize(text))
+    value = parser.expr(0)
+    if parser.peek() is not None:
+        raise ExpressionError(f"unexpected {parser.peek()!r} after a complete expression")
+    return value, parser.numbers
+
+
+def verify_countdown(problem: dict, text: str, partial: bool = False) -> float:
+    """1 if the expression uses the given numbers at most once each and equals the target.
+
+    partial: a well-formed expression over allowed numbers that misses the target earns
+    0.1 + 0.4·max(0, 1 − |value − target| / target) (so ∈ [0.1, 0.5)); anything else 0.
+    """
+    try:
+        value, used = evaluate_countdown(clean_completion(text))
+    except ExpressionError:
+        return 0.0
+    if Counter(used) - Counter(problem["numbers"]):  # a number not given, or used too often
+        return 0.0
+    target = problem["target"]
+    if value == target:
+        return 1.0
+    if not partial:
+        return 0.0
+    return 0.1 + 0.4 * max(0.0, 1.0 - float(abs(value - target)) / max(abs(target), 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------------------------
 class CountdownTask:
     name = "countdown"
     fields = {"numbers": list, "target": int}

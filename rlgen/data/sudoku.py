@@ -11,16 +11,58 @@ once), until the level's blank count.
 Levels ``bK`` = K blanks (uniquely solvable 4×4 puzzles have at most 12 blanks):
 default training mix b4, b6, b8, b10; harder: b8 + b10. Puzzles from files need not be unique —
 the verifier accepts any valid completion that keeps the givens.
+
+Verifier (``verify_sudoku``; the ``sudoku_verifier`` / ``sudoku_partial`` rewards wrap it): the full
+solved grid as n² digits, row by row; it must keep every given and make every row, column and
+box a permutation of 1..n.
 """
 from __future__ import annotations
 
+import math
 import random
 import re
 
 import numpy as np
 
-from rewards.text_verifiers import sudoku_units, verify_sudoku
+from rlgen.data.completion import clean_completion
 
+# ----------------------------------------------------------------------------------------------
+# The verifier: every row, column and box a permutation of 1..n
+# ----------------------------------------------------------------------------------------------
+def sudoku_units(n: int) -> list[list[int]]:
+    """Cell indices of every row, column and box of an n×n grid (n a perfect square)."""
+    b = math.isqrt(n)
+    rows = [[r * n + c for c in range(n)] for r in range(n)]
+    cols = [[r * n + c for r in range(n)] for c in range(n)]
+    boxes = [[(br * b + r) * n + bc * b + c for r in range(b) for c in range(b)]
+             for br in range(b) for bc in range(b)]
+    return rows + cols + boxes
+
+
+def verify_sudoku(problem: dict, text: str, partial: bool = False) -> float:
+    """1 if ``text`` is a full valid grid keeping every given ('.' in the puzzle is a blank).
+
+    partial: a grid of the right shape that keeps the givens earns 0.9 × (fraction of rows,
+    columns and boxes that are permutations of 1..n), so 1.0 only when fully valid.
+    """
+    puzzle = problem["puzzle"]
+    n = math.isqrt(len(puzzle))
+    grid = clean_completion(text)
+    digits = "".join(str(d) for d in range(1, n + 1))
+    if len(grid) != len(puzzle) or any(ch not in digits for ch in grid):
+        return 0.0
+    if any(p != "." and p != g for p, g in zip(puzzle, grid)):
+        return 0.0
+    units = sudoku_units(n)
+    good = sum(sorted(grid[i] for i in unit) == list(digits) for unit in units)
+    if good == len(units):
+        return 1.0
+    return 0.9 * good / len(units) if partial else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------------------------
 _LEVEL = re.compile(r"b(\d+)")
 N = 4
 _UNITS = sudoku_units(N)

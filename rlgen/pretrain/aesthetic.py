@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from rewards.aesthetic import HEAD_FILE, LAION_DROPOUT, AestheticHead, save_head
 from rlgen.config import RunConfig, register_config
-from rlgen.runtime.rundir import MetricsLogger, atomic_checkpoint, prepare_run_dir
-from rlgen.utils import seed_everything, set_threads
+from rlgen.pretrain.loop import (LoopPlan, load_torch_state, load_weights, run_pretraining, save_torch_state,
+                                 save_weights, task_state_path)
+from rlgen.registry import register_pretrainer
 
 
 @dataclass
@@ -46,6 +47,7 @@ class AestheticTrain:
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    checkpoint_every: int = 0       # steps (0 = only at the end)
 
 
 @register_config("aesthetic_pretrain")
@@ -71,32 +73,42 @@ def bradley_terry_loss(s_w: torch.Tensor, s_l: torch.Tensor) -> torch.Tensor:
     return F.softplus(s_l - s_w).mean()
 
 
+class HeadFitter:
+    """One update at a time of ``head`` on in-memory embeddings: Bradley–Terry on (N, d) chosen /
+    rejected embeddings, or MSE of (N, d) ``emb`` against (N,) ``ratings``. Embeddings should be
+    L2-normalised (as the reward feeds them). ``fit_head`` and the trainer both step it."""
+
+    def __init__(self, head: AestheticHead, emb_w: torch.Tensor | None = None, emb_l: torch.Tensor | None = None, *,
+                 emb: torch.Tensor | None = None, ratings: torch.Tensor | None = None, batch_size: int = 256,
+                 lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0):
+        self.pairs = emb_w is not None
+        if self.pairs == (emb is not None) or (self.pairs and emb_l is None) or (not self.pairs and ratings is None):
+            raise ValueError("fit_head: give emb_w and emb_l (pairs, Bradley–Terry) or emb and ratings (MSE)")
+        self.head, self.emb_w, self.emb_l, self.emb, self.ratings = head, emb_w, emb_l, emb, ratings
+        self.n, self.batch_size = (len(emb_w) if self.pairs else len(emb)), batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def step(self) -> float:
+        self.head.train()
+        idx = torch.randint(0, self.n, (min(self.batch_size, self.n),), generator=self.gen)
+        if self.pairs:
+            loss = bradley_terry_loss(self.head(self.emb_w[idx]), self.head(self.emb_l[idx]))
+        else:
+            loss = F.mse_loss(self.head(self.emb[idx]), self.ratings[idx].float())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+
 def fit_head(head: AestheticHead, emb_w: torch.Tensor | None = None, emb_l: torch.Tensor | None = None, *,
              emb: torch.Tensor | None = None, ratings: torch.Tensor | None = None, steps: int = 1000,
-             batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
-             log=None) -> list[float]:
-    """Train ``head`` in place: BT on (N, d) chosen/rejected embeddings, or MSE on (N, d) ``emb``
-    against (N,) ``ratings``. Embeddings should be L2-normalised (as the reward feeds them)."""
-    pairs = emb_w is not None
-    if pairs == (emb is not None) or (pairs and emb_l is None) or (not pairs and ratings is None):
-        raise ValueError("fit_head: give emb_w and emb_l (pairs, Bradley–Terry) or emb and ratings (MSE)")
-    n = len(emb_w) if pairs else len(emb)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    losses = []
-    head.train()
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
-        if pairs:
-            loss = bradley_terry_loss(head(emb_w[idx]), head(emb_l[idx]))
-        else:
-            loss = F.mse_loss(head(emb[idx]), ratings[idx].float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if log is not None and (step % 100 == 0 or step == steps):
-            log.log(step, loss=loss.item())
+             batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0) -> list[float]:
+    """Train ``head`` in place on tensors (no run folder; see ``HeadFitter``); the per-step losses."""
+    fitter = HeadFitter(head, emb_w, emb_l, emb=emb, ratings=ratings, batch_size=batch_size, lr=lr,
+                        weight_decay=weight_decay, seed=seed)
+    losses = [fitter.step() for _ in range(steps)]
     head.eval()
     return losses
 
@@ -146,40 +158,71 @@ def _embed_paths(embedder, paths: list[str], batch: int = 256) -> torch.Tensor:
                       for i in range(0, len(paths), batch)])
 
 
-def train(cfg: AestheticPretrainConfig) -> dict:
-    from rewards.clip_score import ClipEmbedder
+@register_pretrainer("aesthetic_pretrain")
+class AestheticTask:
+    """Embeds every pair's images once with the CLIP, then fits the head on the embeddings."""
 
-    set_threads(cfg.run.num_threads)
-    seed_everything(cfg.run.seed)
-    if not cfg.data.pairs:
-        raise ValueError("aesthetic head: set data.pairs=<pairs JSONL> (rows: prompt, chosen, rejected image paths)")
-    rows = read_pairs(cfg.data.pairs)
-    run_dir = prepare_run_dir(cfg)
-    c = cfg.clip
-    embedder = ClipEmbedder(c.model, c.pretrained, c.checkpoint, "cpu", who="aesthetic head")
-    t0 = time.time()
-    emb_w, emb_l = _embed_paths(embedder, [r["chosen"] for r in rows]), _embed_paths(embedder, [r["rejected"] for r in rows])
-    n_test = int(len(rows) * cfg.data.heldout_frac)
-    tr, te = slice(0, len(rows) - n_test), slice(len(rows) - n_test, len(rows))
-    head = AestheticHead(emb_w.shape[1], tuple(cfg.hidden), LAION_DROPOUT)
-    log = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard)
-    t = cfg.train
-    opts = dict(steps=t.steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, seed=cfg.run.seed, log=log)
-    if t.loss == "bt":
-        fit_head(head, emb_w[tr], emb_l[tr], **opts)
-    else:
-        if any("chosen_score" not in r or "rejected_score" not in r for r in rows):
+    def __init__(self, cfg: AestheticPretrainConfig):
+        self.cfg, self.result = cfg, None
+
+    def plan(self) -> LoopPlan:
+        t = self.cfg.train
+        return LoopPlan(last_step=t.steps, log_every=100, checkpoint_every=t.checkpoint_every, label="aesthetic head")
+
+    def init(self, resume: Path | None) -> None:
+        from rewards.clip_score import ClipEmbedder
+
+        cfg, c, t = self.cfg, self.cfg.clip, self.cfg.train
+        if not cfg.data.pairs:
+            raise ValueError("aesthetic head: set data.pairs=<pairs JSONL> (rows: prompt, chosen, rejected image paths)")
+        rows = read_pairs(cfg.data.pairs)
+        if t.loss == "mse" and any("chosen_score" not in r or "rejected_score" not in r for r in rows):
             raise ValueError(f"{cfg.data.pairs}: train.loss=mse needs chosen_score and rejected_score in every row")
-        ratings = torch.tensor([[r["chosen_score"], r["rejected_score"]] for r in rows], dtype=torch.float32)
-        fit_head(head, emb=torch.cat([emb_w[tr], emb_l[tr]]), ratings=torch.cat([ratings[tr, 0], ratings[tr, 1]]), **opts)
-    result = {"pairs": len(rows), "heldout_pairs": n_test, "loss": t.loss, "dim": emb_w.shape[1],
-              "minutes": round((time.time() - t0) / 60, 2)}
-    if n_test:
-        result["heldout_pairwise_accuracy"] = pairwise_accuracy(head, emb_w[te], emb_l[te])
-    log.log(t.steps, **{k: v for k, v in result.items() if isinstance(v, float)})
-    log.close()
-    with atomic_checkpoint(run_dir, t.steps) as d:
-        save_head(head, d / HEAD_FILE)
-        (d / "eval.json").write_text(json.dumps(result, indent=2))
+        embedder = ClipEmbedder(c.model, c.pretrained, c.checkpoint, "cpu", who="aesthetic head")
+        self.t0 = time.time()
+        emb_w, emb_l = _embed_paths(embedder, [r["chosen"] for r in rows]), _embed_paths(embedder, [r["rejected"] for r in rows])
+        n_test = int(len(rows) * cfg.data.heldout_frac)
+        tr, te = slice(0, len(rows) - n_test), slice(len(rows) - n_test, len(rows))
+        self.heldout = (emb_w[te], emb_l[te])
+        self.info = {"pairs": len(rows), "heldout_pairs": n_test, "loss": t.loss, "dim": emb_w.shape[1]}
+        self.head = AestheticHead(emb_w.shape[1], tuple(cfg.hidden), LAION_DROPOUT)
+        opts = dict(batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, seed=cfg.run.seed)
+        if t.loss == "bt":
+            self.fitter = HeadFitter(self.head, emb_w[tr], emb_l[tr], **opts)
+        else:
+            ratings = torch.tensor([[r["chosen_score"], r["rejected_score"]] for r in rows], dtype=torch.float32)
+            self.fitter = HeadFitter(self.head, emb=torch.cat([emb_w[tr], emb_l[tr]]),
+                                     ratings=torch.cat([ratings[tr, 0], ratings[tr, 1]]), **opts)
+
+    def train_step(self, step: int) -> dict:
+        return {"loss": self.fitter.step()}
+
+    def evaluate(self, step: int) -> dict:
+        self.head.eval()
+        self.result = {**self.info, "minutes": round((time.time() - self.t0) / 60, 2)}
+        if self.info["heldout_pairs"]:
+            self.result["heldout_pairwise_accuracy"] = pairwise_accuracy(self.head, *self.heldout)
+        return {k: v for k, v in self.result.items() if isinstance(v, float)}
+
+    def report(self) -> dict | None:
+        return self.result
+
+    def save(self, d: Path) -> dict:
+        save_head(self.head, d / HEAD_FILE)
+        save_weights(self.head, d)
+        save_torch_state(task_state_path(d, "optimizer.pt"), {"optimizer": self.fitter.opt.state_dict(),
+                                                              "gen": self.fitter.gen.get_state()})
+        return {}
+
+    def load(self, d: Path, state: dict) -> None:
+        load_weights(self.head, d)
+        extra = load_torch_state(task_state_path(d, "optimizer.pt"))
+        self.fitter.opt.load_state_dict(extra["optimizer"])
+        self.fitter.gen.set_state(extra["gen"])
+
+
+def train(cfg: AestheticPretrainConfig) -> dict:
+    """Run (or resume) the aesthetic-head job; returns the final evaluation (the checkpoint's eval.json)."""
+    result = json.loads((run_pretraining(cfg, AestheticTask(cfg)) / "eval.json").read_text())
     print(json.dumps(result))
     return result

@@ -6,22 +6,23 @@ A Hugging Face ``LlamaForCausalLM`` (tiny config) trained by teacher forcing on 
 prompt/answer pairs, with rlgen's character tokenizer: the SAME token ids as the masked-diffusion
 models, so vLLM can score a masked-diffusion student's answers (``algo.teacher_kind: vllm``).
 Each checkpoint is a plain HF folder (config.json, model.safetensors, tokenizer files): what vLLM
-and ``AutoModelForCausalLM`` load. Data and lr schedule are the masked-diffusion trainer's.
+and ``AutoModelForCausalLM`` load (plus rlgen.pretrain.loop's trainer_state/ for ``run.resume``).
+Data and lr schedule are the masked-diffusion trainer's.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from rlgen.config import RunConfig, register_config
+from rlgen.pretrain.loop import (LoopPlan, load_torch_state, load_weights, run_pretraining, save_torch_state,
+                                 save_weights, task_state_path)
 from rlgen.pretrain.masked_diffusion import MDMDataConfig, build_buckets, lr_at, sample_batch
-from rlgen.runtime.rundir import MetricsLogger, atomic_checkpoint, prepare_run_dir
-from rlgen.utils import resolve_device, seed_everything, set_threads
+from rlgen.registry import register_pretrainer
+from rlgen.utils import resolve_device
 
 
 @dataclass
@@ -124,48 +125,68 @@ def build_model(cfg: ARPretrainConfig, tokenizer, device):
     return LlamaForCausalLM(conf).to(device)
 
 
-def train(cfg: ARPretrainConfig) -> Path:
-    """Train from scratch (no resume: runs are minutes long); returns the run folder."""
-    from rlgen.data.text_tasks import TASKS, generate_problems
-    from rlgen.data.tokenizer import build_tokenizer
+@register_pretrainer("ar_pretrain")
+class ARTask:
+    """A tiny Llama, AdamW and the masked-diffusion trainer's buckets; one teacher-forcing update per step."""
 
-    set_threads(cfg.run.num_threads)
-    seed_everything(cfg.run.seed)
-    device = resolve_device(cfg.run.device)
-    run_dir = prepare_run_dir(cfg)
-    tok = build_tokenizer()
-    model = build_model(cfg, tok, device)
-    buckets = build_buckets(cfg, tok, cfg.model.max_length)  # reads cfg.data, cfg.run.seed, cfg.train.objective
-    levels = cfg.data.levels or list(TASKS[cfg.data.task].levels)
-    heldout = generate_problems(cfg.data.task, cfg.data.eval_n_per_level * len(levels), 0, levels, split="heldout")
-    t = cfg.train
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.98))
-    g = torch.Generator().manual_seed(cfg.run.seed)
-    log = MetricsLogger(run_dir, cfg.run.tensorboard)
-    t0, losses = time.time(), []
-    for step in tqdm(range(1, t.max_steps + 1), desc=cfg.run.name, disable=not cfg.run.progress):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step - 1, t)
-        seqs, P = sample_batch(buckets, t.batch_size, g)
-        loss = answer_loss(model(seqs.to(device)).logits, seqs.to(device), P)
-        opt.zero_grad(set_to_none=True)
+    def __init__(self, cfg: ARPretrainConfig):
+        self.cfg = cfg
+
+    def plan(self) -> LoopPlan:
+        t = self.cfg.train
+        return LoopPlan(last_step=t.max_steps, log_every=t.log_every, eval_every=t.eval_every,
+                        checkpoint_every=t.checkpoint_every, label=self.cfg.run.name)
+
+    def init(self, resume: Path | None) -> None:
+        from rlgen.data.text_tasks import TASKS, generate_problems
+        from rlgen.data.tokenizer import build_tokenizer
+
+        cfg, t = self.cfg, self.cfg.train
+        self.device = resolve_device(cfg.run.device)
+        self.tok = build_tokenizer()
+        self.model = build_model(cfg, self.tok, self.device)
+        self.buckets = build_buckets(cfg, self.tok, cfg.model.max_length)  # reads cfg.data, run.seed, train.objective
+        levels = cfg.data.levels or list(TASKS[cfg.data.task].levels)
+        self.heldout = generate_problems(cfg.data.task, cfg.data.eval_n_per_level * len(levels), 0, levels,
+                                         split="heldout")
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.98))
+        self.gen = torch.Generator().manual_seed(cfg.run.seed)
+
+    def train_step(self, step: int) -> dict:
+        t = self.cfg.train
+        lr = lr_at(step, t)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        seqs, P = sample_batch(self.buckets, t.batch_size, self.gen)
+        seqs = seqs.to(self.device)  # (B, L)
+        loss = answer_loss(self.model(seqs).logits, seqs, P)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        losses.append(loss.item())
-        row = {}
-        if step % t.log_every == 0:
-            row = {"loss": sum(losses) / len(losses), "lr": lr_at(step - 1, t),
-                   "elapsed_min": round((time.time() - t0) / 60, 3)}
-            losses = []
-        if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
-            row.update({f"eval_{k}": v for k, v in evaluate(model, tok, heldout).items()})
-            print(f"step {step}: held-out accuracy {row['eval_accuracy']:.3f}", flush=True)
-        if row:
-            log.log(step, **row)
-        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps:
-            with atomic_checkpoint(run_dir, step) as d:
-                model.save_pretrained(d, safe_serialization=True)
-                tok.save_pretrained(d)
-    log.close()
-    return run_dir
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.opt.step()
+        return {"loss": loss.item(), "lr": lr}
+
+    def evaluate(self, step: int) -> dict:
+        row = {f"eval_{k}": v for k, v in evaluate(self.model, self.tok, self.heldout).items()}
+        print(f"step {step}: held-out accuracy {row['eval_accuracy']:.3f}", flush=True)
+        return row
+
+    def save(self, d: Path) -> dict:
+        self.model.save_pretrained(d, safe_serialization=True)  # a plain HF folder: vLLM / AutoModel load it
+        self.tok.save_pretrained(d)
+        save_weights(self.model, d)
+        save_torch_state(task_state_path(d, "optimizer.pt"), {"optimizer": self.opt.state_dict(),
+                                                              "gen": self.gen.get_state()})
+        return {}
+
+    def load(self, d: Path, state: dict) -> None:
+        load_weights(self.model, d)
+        extra = load_torch_state(task_state_path(d, "optimizer.pt"))
+        self.opt.load_state_dict(extra["optimizer"])
+        self.gen.set_state(extra["gen"])
+
+
+def train(cfg: ARPretrainConfig) -> Path:
+    """Run (or resume) an AR teacher job; returns the run folder."""
+    run_pretraining(cfg, ARTask(cfg))
+    return cfg.run.dir

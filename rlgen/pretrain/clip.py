@@ -11,9 +11,11 @@ same caption is a positive and the target spreads evenly over them (identical to
 the captions are distinct).
 
 Checkpoints (``checkpoints/<step>/``) hold ``open_clip_config.json`` + ``open_clip_model.safetensors``
-(the layout of open_clip's hub repos: ``create_model("local-dir:DIR")`` loads it) and
-``trainer_state.pt`` for ``run.resume``. The final one also gets ``eval.json``: held-out retrieval
-accuracy among K candidates of the same surface form (image → caption and caption → image).
+(the layout of open_clip's hub repos: ``create_model("local-dir:DIR")`` loads it, in
+``train.save_dtype``) and ``trainer_state/`` (full-precision weights, optimizer, data and noise
+generators) for ``run.resume`` (rlgen.pretrain.loop). The final one also gets ``eval.json``:
+held-out retrieval accuracy among K candidates of the same surface form (image → caption and
+caption → image).
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from rlgen.config import RunConfig, register_config
-from rlgen.runtime.rundir import (MetricsLogger, atomic_checkpoint, find_latest_checkpoint, prepare_run_dir,
-                                  resolve_checkpoint)
-from rlgen.utils import resolve_device, seed_everything, set_threads
+from rlgen.pretrain.loop import (LoopPlan, load_torch_state, load_weights, run_pretraining, save_torch_state,
+                                 save_weights, task_state_path)
+from rlgen.registry import register_pretrainer
+from rlgen.utils import resolve_device
 
 
 @dataclass
@@ -215,39 +218,6 @@ def save_clip(model, model_cfg: dict, d: Path, dtype: str = "float32") -> None:
     save_file(sd, str(d / "open_clip_model.safetensors"))
 
 
-def _resume(cfg: ClipPretrainConfig, run_dir: Path, model, opt, source) -> int:
-    """Load weights + optimizer + data RNG from the checkpoint ``run.resume`` names; the step."""
-    if cfg.run.resume == "no":
-        return 0
-    ckpt = find_latest_checkpoint(run_dir) if cfg.run.resume == "auto" else resolve_checkpoint(cfg.run.resume)
-    if ckpt is None:
-        return 0
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(ckpt / "open_clip_model.safetensors")))
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    if "rng" in state and hasattr(source, "rng"):
-        source.rng.bit_generator.state = state["rng"]
-    if "gen" in state and hasattr(source, "gen"):
-        source.gen.set_state(state["gen"])
-    return int(state["step"])
-
-
-def _save(cfg, run_dir: Path, step: int, model, model_cfg, opt, source, result: dict | None = None) -> Path:
-    with atomic_checkpoint(run_dir, step) as d:
-        save_clip(model, model_cfg, d, cfg.train.save_dtype)
-        state = {"step": step, "optimizer": opt.state_dict()}
-        if hasattr(source, "rng"):
-            state["rng"] = source.rng.bit_generator.state
-        if hasattr(source, "gen"):
-            state["gen"] = source.gen.get_state()
-        torch.save(state, d / "trainer_state.pt")
-        if result is not None:
-            (d / "eval.json").write_text(json.dumps(result, indent=2))
-    return run_dir / "checkpoints" / str(step)
-
-
 def evaluate(model, tokenizer, source, cfg: ClipPretrainConfig, device) -> dict:
     from rewards.clip_score import preprocess_images
 
@@ -262,58 +232,87 @@ def evaluate(model, tokenizer, source, cfg: ClipPretrainConfig, device) -> dict:
                               seed=cfg.data.eval_seed)
 
 
-def train(cfg: ClipPretrainConfig) -> dict:
-    from tqdm.auto import tqdm
+@register_pretrainer("clip_pretrain")
+class ClipTask:
+    """An open_clip model, AdamW and a captioned-batch source; one contrastive update per step."""
 
-    from rewards.clip_score import preprocess_images
+    def __init__(self, cfg: ClipPretrainConfig):
+        self.cfg, self.result = cfg, None
 
-    set_threads(cfg.run.num_threads)
-    seed_everything(cfg.run.seed)
-    device = resolve_device(cfg.run.device)
-    run_dir = prepare_run_dir(cfg)
-    source = SOURCES[cfg.data.name](cfg.data, cfg.run.seed)
-    model, tokenizer, model_cfg = build_model(cfg, device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-6)
-    t, step = cfg.train, _resume(cfg, run_dir, model, opt, source)
-    log = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, resume_step=step if step else None)
-    noise_gen = torch.Generator().manual_seed(cfg.run.seed + step)
-    t0 = time.time()
-    bar = tqdm(total=t.max_steps, initial=step, desc="clip pretrain", disable=not cfg.run.progress)
-    while step < t.max_steps:
+    def plan(self) -> LoopPlan:
+        t = self.cfg.train
+        return LoopPlan(last_step=t.max_steps, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
+                        label="clip pretrain")
+
+    def init(self, resume: Path | None) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        self.device, self.t0 = resolve_device(cfg.run.device), time.time()
+        self.source = SOURCES[cfg.data.name](cfg.data, cfg.run.seed)
+        self.model, self.tokenizer, self.model_cfg = build_model(cfg, self.device)
+        named = list(self.model.named_parameters())
+        decay = [p for n, p in named if p.ndim >= 2 and "logit_scale" not in n]
+        rest = [p for n, p in named if not (p.ndim >= 2 and "logit_scale" not in n)]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                      {"params": rest, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.98), eps=1e-6)
+        self.noise_gen = torch.Generator().manual_seed(cfg.run.seed)  # augmentation noise
+
+    def train_step(self, step: int) -> dict:
+        from rewards.clip_score import preprocess_images
+
+        t, model, device = self.cfg.train, self.model, self.device
         model.train()
-        x, captions = source.batch(t.batch_size)
+        x, captions = self.source.batch(t.batch_size)
         if t.augment_noise > 0:
-            x = (x + t.augment_noise * torch.randn(x.shape, generator=noise_gen)).clamp(-1, 1)
-        for g in opt.param_groups:
+            x = (x + t.augment_noise * torch.randn(x.shape, generator=self.noise_gen)).clamp(-1, 1)
+        for g in self.opt.param_groups:
             g["lr"] = _lr_at(step, t)
         uniq = list(dict.fromkeys(captions))  # encode each distinct caption once, then expand
-        txt = F.normalize(model.encode_text(tokenizer(uniq).to(device)), dim=-1)
+        txt = F.normalize(model.encode_text(self.tokenizer(uniq).to(device)), dim=-1)
         pos = {c: j for j, c in enumerate(uniq)}
         txt = txt[torch.tensor([pos[c] for c in captions], device=device)]
         img = F.normalize(model.encode_image(preprocess_images(x.to(device), model.visual.preprocess_cfg)), dim=-1)
         loss = clip_loss(img, txt, model.logit_scale.exp(), captions)
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # as open_clip's trainer: temperature ≥ 0.01
-        step += 1
-        bar.update(1)
-        if step % t.log_every == 0 or step == t.max_steps:
-            log.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], logit_scale=model.logit_scale.exp().item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % t.checkpoint_every == 0 and step < t.max_steps:
-            _save(cfg, run_dir, step, model, model_cfg, opt, source)
-    bar.close()
-    result = evaluate(model, tokenizer, source, cfg, device)
-    result.update(steps=step, minutes=round((time.time() - t0) / 60, 2), model=cfg.model.name,
-                  data=cfg.data.name, config=asdict(cfg.train))
-    log.log(step, eval_image_to_text=result["image_to_text"], eval_text_to_image=result["text_to_image"])
-    log.close()
-    ckpt = _save(cfg, run_dir, step, model, model_cfg, opt, source, result)
+        return {"loss": loss.item(), "lr": self.opt.param_groups[0]["lr"], "logit_scale": model.logit_scale.exp().item()}
+
+    def evaluate(self, step: int) -> dict:
+        """Held-out retrieval (at the end of the run); the full result becomes eval.json."""
+        cfg = self.cfg
+        self.result = evaluate(self.model, self.tokenizer, self.source, cfg, self.device)
+        self.result.update(steps=step, minutes=round((time.time() - self.t0) / 60, 2), model=cfg.model.name,
+                           data=cfg.data.name, config=asdict(cfg.train))
+        return {"eval_image_to_text": self.result["image_to_text"], "eval_text_to_image": self.result["text_to_image"]}
+
+    def report(self) -> dict | None:
+        return self.result
+
+    def save(self, d: Path) -> dict:
+        save_clip(self.model, self.model_cfg, d, self.cfg.train.save_dtype)  # what clip_score loads
+        save_weights(self.model, d)  # full precision, whatever save_dtype: resuming is exact
+        extra = {"optimizer": self.opt.state_dict(), "noise_gen": self.noise_gen.get_state()}
+        if hasattr(self.source, "gen"):
+            extra["gen"] = self.source.gen.get_state()
+        save_torch_state(task_state_path(d, "optimizer.pt"), extra)
+        return {"rng": self.source.rng.bit_generator.state} if hasattr(self.source, "rng") else {}
+
+    def load(self, d: Path, state: dict) -> None:
+        load_weights(self.model, d)
+        extra = load_torch_state(task_state_path(d, "optimizer.pt"))
+        self.opt.load_state_dict(extra["optimizer"])
+        self.noise_gen.set_state(extra["noise_gen"])
+        if "gen" in extra:
+            self.source.gen.set_state(extra["gen"])
+        if "rng" in state:
+            self.source.rng.bit_generator.state = state["rng"]
+
+
+def train(cfg: ClipPretrainConfig) -> dict:
+    """Run (or resume) a CLIP pretraining job; returns the final evaluation (the checkpoint's eval.json)."""
+    ckpt = run_pretraining(cfg, ClipTask(cfg))
+    result = json.loads((ckpt / "eval.json").read_text())
     print(json.dumps({k: result[k] for k in ("image_to_text", "text_to_image", "candidates", "steps", "minutes")}))
-    print(f"checkpoint: {ckpt}")
     return result

@@ -7,10 +7,10 @@ Loss (DESIGN.md, "Flow time"): ``mean ‖v_θ(x_σ, σ, c) − (ε − x_data)�
 probability ``prompt_dropout`` so the same model also gives the unconditional velocity for CFG.
 AdamW, linear warm-up then cosine to ``min_lr_ratio``, gradient clipping, an EMA of the weights.
 
-Checkpoints (``checkpoints/<step>/``) are model folders of the *EMA* policy (``load_model`` reads
-them) plus ``trainer_state/``: raw weights (safetensors), optimizer + RNG (torch.save, loaded with
-``weights_only=True``) and ``state.json`` (step, EMA step, wall time, data RNG), so that
-``run.resume=auto`` continues bit-for-bit on CPU.
+Checkpoints (``checkpoints/<step>/``, written by rlgen.pretrain.loop) are model folders of the
+*EMA* policy (``load_model`` reads them) plus ``trainer_state/``: raw weights (safetensors),
+optimizer + σ/ε generator (torch.save, loaded with ``weights_only=True``) and in ``state.json`` the
+EMA step and data position, so that ``run.resume=auto`` continues bit-for-bit on CPU.
 
 Data: a dataset module with a ``make_batch(rng, batch_size, **options)`` function (shapes) renders
 fresh batches on the fly; any other registered dataset (items ``dict(image, prompt, …)``) is read
@@ -19,10 +19,8 @@ through a DataLoader over seeded per-epoch permutations (position = step, so res
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,16 +28,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
-from tqdm.auto import tqdm
 
-from rlgen.config import RunConfig, register_config, save_config
+from rlgen.config import RunConfig, register_config
 from rlgen.models.flow import FlowModelConfig, FlowPolicy
 from rlgen.models.prompt_encoder import PromptEmbeds, words_of
-from rlgen.registry import DATASETS
-from rlgen.runtime.rundir import (MetricsLogger, atomic_checkpoint, find_latest_checkpoint, prepare_run_dir,
-                                  prune_checkpoints, resolve_checkpoint)
-from rlgen.utils import resolve_device, set_threads
+from rlgen.pretrain.loop import (LoopPlan, load_torch_state, load_weights, run_pretraining, save_torch_state,
+                                 save_weights, task_state_path)
+from rlgen.registry import DATASETS, register_pretrainer
+from rlgen.utils import resolve_device
 from rlgen.viz import save_image_grid
 
 
@@ -181,7 +177,7 @@ class OnTheFlySource:
     def state(self) -> dict:
         return self.rng.bit_generator.state
 
-    def load_state(self, state: dict, step: int) -> None:
+    def load_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state
 
 
@@ -227,7 +223,7 @@ class DatasetSource:
     def state(self) -> dict:
         return {"batches": self._pos}
 
-    def load_state(self, state: dict, step: int) -> None:
+    def load_state(self, state: dict) -> None:
         self._pos, self._it = int(state["batches"]), None
 
 
@@ -244,74 +240,46 @@ def make_source(cfg: FlowDataConfig, seed: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# The trainer
+# The task run by rlgen.pretrain.loop
 # ----------------------------------------------------------------------------------------------
-class FlowMatchingTrainer:
-    """One flow-matching run: set up (fresh or resumed), then ``fit()`` step by step."""
+@register_pretrainer("flow_pretrain")
+class FlowMatchingTask:
+    """A FlowPolicy, its EMA, AdamW and a data source; one flow-matching update per ``train_step``."""
 
     def __init__(self, cfg: FlowPretrainConfig):
+        self.cfg = cfg
+
+    def plan(self) -> LoopPlan:
+        t = self.cfg.train
+        return LoopPlan(last_step=t.max_steps, log_every=1, eval_every=self.cfg.sample.every,
+                        checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+                        max_minutes=t.max_minutes, label="flow pretrain")
+
+    def init(self, resume: Path | None) -> None:
         from diffusers.training_utils import EMAModel  # heavy import: only when training
 
-        set_threads(cfg.run.num_threads)
-        self.cfg, self.device = cfg, resolve_device(cfg.run.device)
-        self.run_dir = cfg.run.dir
+        cfg, t = self.cfg, self.cfg.train
+        self.device = resolve_device(cfg.run.device)
         self.source = make_source(cfg.data, cfg.run.seed)
         # All training randomness (σ, ε, prompt dropout) comes from this CPU generator: it is
         # saved in checkpoints, and CPU draws give the same numbers on any device.
         self.gen = torch.Generator().manual_seed(cfg.run.seed + 1)
-        self.step, self.elapsed_before = 0, 0.0
-        ckpt = self._resume_from()
-        if ckpt is None:
-            self._warn_if_not_empty()
+        if resume is None:
             torch.manual_seed(cfg.run.seed)
             if not cfg.model.vocab:  # filled in place, so config.yaml records the vocabulary used
                 cfg.model.vocab = words_of(self.source.prompts(cfg.data.vocab_prompts, cfg.run.seed + 2))
             self.policy = FlowPolicy.build(cfg.model).to(self.device)
         else:
-            self.policy = FlowPolicy.from_pretrained(ckpt, device=self.device)  # EMA weights
+            self.policy = FlowPolicy.from_pretrained(resume, device=self.device)  # EMA weights
             cfg.model.vocab = self.policy.config.vocab
         self.policy.train()  # one mode for fresh and resumed runs (from_pretrained returns eval mode)
         params = list(self.policy.parameters())
-        self.ema = EMAModel(params, decay=cfg.train.ema_decay, foreach=True)
-        t = cfg.train
+        self.ema = EMAModel(params, decay=t.ema_decay, foreach=True)
         self.opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        if ckpt is not None:
-            self._load_trainer_state(ckpt / "trainer_state")
-        prepare_run_dir(cfg)
-        self.logger = MetricsLogger(self.run_dir, cfg.run.tensorboard,
-                                    resume_step=self.step if ckpt is not None else None)
         s = cfg.sample
         self.sample_prompts = list(s.prompts) or self.source.prompts(s.num_prompts, s.seed)
 
-    def _warn_if_not_empty(self) -> None:
-        old = find_latest_checkpoint(self.run_dir) if self.run_dir.exists() else None
-        if old is not None:
-            print(f"[flow pretrain] warning: starting a fresh run in {self.run_dir}, which holds checkpoints up "
-                  f"to step {old.name}; they are overwritten step by step (run.resume=auto continues instead)",
-                  file=sys.stderr)
-
-    def _resume_from(self) -> Path | None:
-        mode = self.cfg.run.resume
-        if mode == "no":
-            return None
-        if mode == "auto":
-            return find_latest_checkpoint(self.run_dir) if self.run_dir.exists() else None
-        return resolve_checkpoint(mode)
-
-    def _load_trainer_state(self, d: Path) -> None:
-        if not d.is_dir():
-            raise FileNotFoundError(f"{d}: no trainer_state/ to resume from (is this a pretraining checkpoint?)")
-        state = json.loads((d / "state.json").read_text())
-        load_model(self.policy, str(d / "model.safetensors"), device=str(self.device))  # raw weights
-        extra = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)  # RNG state stays on CPU
-        self.opt.load_state_dict(extra["optimizer"])
-        self.gen.set_state(extra["torch_rng"])
-        self.ema.optimization_step = state["ema_step"]
-        self.step, self.elapsed_before = state["step"], state["elapsed_s"]
-        self.source.load_state(state["data"], self.step)
-
-    # ------------------------------------------------------------------------------------------
-    def train_step(self) -> dict:
+    def train_step(self, step: int) -> dict:
         t = self.cfg.train
         images, prompts = self.source.next(t.batch_size)
         if tuple(images.shape[1:]) != self.policy.sample_shape:
@@ -321,7 +289,7 @@ class FlowMatchingTrainer:
         noise = torch.randn(x.shape, generator=self.gen).to(self.device)
         sigma = sample_sigmas(len(x), t.sigma_density, t.sigma_mean, t.sigma_std, self.gen).to(self.device)
         prompts = drop_prompts(prompts, t.prompt_dropout, self.gen)
-        lr = lr_at(self.step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         for group in self.opt.param_groups:
             group["lr"] = lr
         bf16 = t.bf16 and self.device.type == "cuda"
@@ -332,65 +300,35 @@ class FlowMatchingTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), t.grad_clip)
         self.opt.step()
         self.ema.step(self.policy.parameters())
-        self.step += 1
         return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
 
-    def save_checkpoint(self, elapsed_s: float) -> Path:
-        with atomic_checkpoint(self.run_dir, self.step) as d:
-            with ema_weights(self.ema, self.policy) as ema_policy:
-                ema_policy.save_pretrained(d)  # the published model
-            save_config(self.cfg, d / "config.yaml")
-            ts = d / "trainer_state"
-            ts.mkdir()
-            save_model(self.policy, str(ts / "model.safetensors"))
-            torch.save({"optimizer": self.opt.state_dict(), "torch_rng": self.gen.get_state()}, ts / "optimizer.pt")
-            state = {"step": self.step, "ema_step": self.ema.optimization_step, "elapsed_s": elapsed_s,
-                     "data": self.source.state()}
-            (ts / "state.json").write_text(json.dumps(state))
-        prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-        return self.run_dir / "checkpoints" / str(self.step)
-
-    def save_samples(self) -> Path:
+    def evaluate(self, step: int) -> dict:
+        """A sample grid of the EMA model: samples/step_<N>.png."""
         s = self.cfg.sample
         prompts = [p for p in self.sample_prompts for _ in range(s.per_prompt)]
         with ema_weights(self.ema, self.policy) as ema_policy:
             images = ema_policy.generate(prompts, s.num_steps, s.cfg_scale, shift=s.shift,
                                          generator=torch.Generator().manual_seed(s.seed))
-        return save_image_grid(images, self.run_dir / "samples" / f"step_{self.step}.png", nrow=8, captions=prompts)
+        save_image_grid(images, self.cfg.run.dir / "samples" / f"step_{step}.png", nrow=8, captions=prompts)
+        return {}
 
-    def fit(self) -> Path:
-        t, s = self.cfg.train, self.cfg.sample
-        start, recent = time.time(), []
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.cfg.run.progress, desc="flow pretrain")
-        ckpt = None
-        while self.step < t.max_steps:
-            t0 = time.time()
-            row = self.train_step()
-            recent = (recent + [time.time() - t0])[-20:]
-            elapsed = self.elapsed_before + time.time() - start
-            self.logger.log(self.step, **row, steps_per_s=len(recent) / sum(recent), elapsed_min=elapsed / 60)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
-            out_of_time = t.max_minutes > 0 and elapsed >= t.max_minutes * 60
-            done = self.step >= t.max_steps or out_of_time
-            if (s.every > 0 and self.step % s.every == 0) or done:
-                self.save_samples()
-            if self.step % t.checkpoint_every == 0 or done:
-                ckpt = self.save_checkpoint(self.elapsed_before + time.time() - start)
-            if out_of_time:
-                print(f"[flow pretrain] wall budget of {t.max_minutes} min reached at step {self.step}")
-                break
-        bar.close()
-        self.logger.close()
-        if ckpt is None:  # nothing left to train (resumed at max_steps): the latest checkpoint stands
-            ckpt = find_latest_checkpoint(self.run_dir)
-        return ckpt
+    def save(self, d: Path) -> dict:
+        with ema_weights(self.ema, self.policy) as ema_policy:
+            ema_policy.save_pretrained(d)  # the published model
+        save_weights(self.policy, d)       # the raw weights the optimizer updates
+        save_torch_state(task_state_path(d, "optimizer.pt"), {"optimizer": self.opt.state_dict(),
+                                                              "torch_rng": self.gen.get_state()})
+        return {"ema_step": self.ema.optimization_step, "data": self.source.state()}
+
+    def load(self, d: Path, state: dict) -> None:
+        load_weights(self.policy, d)
+        extra = load_torch_state(task_state_path(d, "optimizer.pt"))
+        self.opt.load_state_dict(extra["optimizer"])
+        self.gen.set_state(extra["torch_rng"])
+        self.ema.optimization_step = state["ema_step"]
+        self.source.load_state(state["data"])
 
 
 def train(cfg: FlowPretrainConfig) -> Path:
     """Run (or resume) a flow-matching pretraining job; returns the final checkpoint folder."""
-    threads = torch.get_num_threads()
-    try:
-        return FlowMatchingTrainer(cfg).fit()
-    finally:
-        torch.set_num_threads(threads)  # run.num_threads applies to this job only
+    return run_pretraining(cfg, FlowMatchingTask(cfg))

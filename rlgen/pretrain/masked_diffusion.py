@@ -13,30 +13,30 @@ then t ~ U(ε, 1 − ε) so neither copy's 1/t weight explodes.
 Batches never pad: sequences are bucketed by (prompt length, answer length) and each step draws
 one bucket (probability ∝ its size). Every random draw of step s comes from a generator seeded by
 (run.seed, s), so a resumed run repeats exactly what an uninterrupted one would have done.
-Run folder (DESIGN.md): config.yaml, metrics.jsonl, tb/, samples/step_<N>.txt (greedy decodes of
-held-out problems), checkpoints/<step>/ (model + tokenizer + trainer_state.pt), checkpoints/latest.
+Run folder (DESIGN.md; rlgen.pretrain.loop runs the task): config.yaml, metrics.jsonl, tb/,
+samples/step_<N>.txt (greedy decodes of held-out problems), checkpoints/<step>/ (the model + tokenizer
+evaluated, i.e. the EMA when on; trainer_state/ with the raw weights and optimizer), checkpoints/latest.
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from rlgen.config import ConfigError, RunConfig, register_config, save_config
+from rlgen.config import ConfigError, RunConfig, register_config
 from rlgen.data.tokenizer import build_tokenizer, encode_batch
 from rlgen.models import MODEL_META
 from rlgen.models.masked_lm import MaskedDiffusionLM
-from rlgen.runtime.rundir import (MetricsLogger, atomic_checkpoint, find_latest_checkpoint, prepare_run_dir,
-                                  prune_checkpoints, resolve_checkpoint)
-from rlgen.utils import resolve_device, seed_everything, set_threads
+from rlgen.pretrain.loop import (LoopPlan, load_torch_state, load_weights, run_pretraining, save_torch_state,
+                                 save_weights, task_state_path)
+from rlgen.registry import register_pretrainer
+from rlgen.runtime.rundir import resolve_checkpoint
+from rlgen.utils import resolve_device
 
 
 @dataclass
@@ -180,21 +180,13 @@ def sample_batch(buckets: list[Bucket], batch_size: int, g: torch.Generator) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# Training loop
+# The task run by rlgen.pretrain.loop
 # ----------------------------------------------------------------------------------------------
-def _resume_source(cfg: MDMPretrainConfig, run_dir: Path) -> Path | None:
-    if cfg.run.resume == "no":
-        return None
-    if cfg.run.resume == "auto":
-        return find_latest_checkpoint(run_dir)
-    return resolve_checkpoint(cfg.run.resume)
-
-
 def _build_model(cfg: MDMPretrainConfig, resume: Path | None, device) -> MaskedDiffusionLM:
     """Resume > ``model.init_from`` (an rlgen checkpoint/run folder, or a plain local HF folder) > fresh."""
     init = Path(cfg.model.init_from) if cfg.model.init_from else None
     if resume is not None:
-        model = MaskedDiffusionLM.from_pretrained(resume, device=device)
+        model = MaskedDiffusionLM.from_pretrained(resume, device=device)  # the published (EMA) weights
     elif init is not None and (init / "config.json").is_file() and not (init / MODEL_META).is_file():
         model = MaskedDiffusionLM.from_hf(init, device=device)
     elif init is not None:
@@ -206,88 +198,85 @@ def _build_model(cfg: MDMPretrainConfig, resume: Path | None, device) -> MaskedD
     return model.train()
 
 
-class _State:
-    """Model, EMA copy, optimizer; knows how to save itself as a checkpoint and load one back."""
+@register_pretrainer("mdm_pretrain")
+class MDMTask:
+    """Model, EMA copy, optimizer and padding-free buckets; one LLaDA update per ``train_step``."""
 
-    def __init__(self, cfg: MDMPretrainConfig, model: MaskedDiffusionLM):
-        self.cfg, self.model = cfg, model
-        t = cfg.train
-        self.opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        self.ema = copy.deepcopy(model).eval().requires_grad_(False) if t.ema > 0 else None
-        self.minutes_before = 0.0  # training wall time of the runs this one resumes
+    def __init__(self, cfg: MDMPretrainConfig):
+        self.cfg = cfg
+
+    def plan(self) -> LoopPlan:
+        t = self.cfg.train
+        return LoopPlan(last_step=min(t.stop_step or t.max_steps, t.max_steps), log_every=t.log_every,
+                        eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
+                        checkpoint_every_minutes=t.checkpoint_every_minutes, keep_checkpoints=t.keep_checkpoints,
+                        label=self.cfg.run.name)
+
+    def init(self, resume: Path | None) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        self.device = resolve_device(cfg.run.device)
+        self.model = _build_model(cfg, resume, self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        # the EMA starts as the model: on resume that is the published (EMA) copy, raw weights load next
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if t.ema > 0 else None
+        self.buckets = build_buckets(cfg, self.model.tokenizer, self.model.max_length)
+        self.problems = _eval_problems(cfg)
 
     @property
     def eval_model(self) -> MaskedDiffusionLM:
         return self.ema if self.ema is not None else self.model
 
-    def update_ema(self) -> None:
+    def train_step(self, step: int) -> dict:
+        """One optimizer update (index ``step``, 0-based); every draw comes from a (seed, step) generator."""
+        cfg, model = self.cfg.train, self.model
+        g = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + step)
+        seqs, P = sample_batch(self.buckets, cfg.batch_size, g)  # (B, L)
+        targets, masked, t = draw_masks(seqs, P, cfg.eps, cfg.complementary, g)  # (B', L) ×2, (B',)
+        targets, masked, t = targets.to(self.device), masked.to(self.device), t.to(self.device)
+        logits = model(targets.masked_fill(masked, model.mask_id))  # (B', L, V)
+        loss = mdm_loss(logits, targets, masked, t, float(targets.shape[1] - P))
+        lr = lr_at(step, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e9)
+        self.opt.step()
         if self.ema is not None:
             with torch.no_grad():
-                torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()),
-                                     1.0 - self.cfg.train.ema)
+                torch._foreach_lerp_(list(self.ema.parameters()), list(model.parameters()), 1.0 - cfg.ema)
+        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "mask_frac": masked.float().mean().item()}
 
-    def save(self, run_dir: Path, step: int, info: dict) -> None:
-        with atomic_checkpoint(run_dir, step) as d:
-            self.eval_model.save_pretrained(d)  # the EMA weights when EMA is on: what gets evaluated
-            torch.save({"step": step, "optimizer": self.opt.state_dict(), "elapsed_min": info.get("elapsed_min"),
-                        "model": self.model.state_dict() if self.ema is not None else None},
-                       d / "trainer_state.pt")
-            (d / "trainer_state.json").write_text(json.dumps({"step": step, **info}, indent=2) + "\n")
-            save_config(self.cfg, d / "config.yaml")
-        prune_checkpoints(run_dir, self.cfg.train.keep_checkpoints)
+    def evaluate(self, step: int) -> dict:
+        """Greedy accuracy on the held-out problems; writes samples/step_<N>.txt."""
+        if not self.problems:
+            return {}
+        from rlgen.eval.text import score_problems
 
-    def load(self, ckpt: Path) -> int:
-        """The model was built from ``ckpt`` already; restore optimizer (and raw weights under EMA)."""
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
-        if self.ema is not None:
-            self.ema.load_state_dict(self.model.state_dict())
-            if state.get("model") is None:
-                raise RuntimeError(f"{ckpt}/trainer_state.pt has no raw weights; it was saved with EMA off")
-            self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.minutes_before = float(state.get("elapsed_min") or 0.0)
-        return int(state["step"])
+        cfg = self.cfg.train
+        res = score_problems(self.eval_model.eval(), self.problems, {"steps": cfg.eval_steps or None},
+                             batch_size=cfg.eval_batch_size, n_examples=24)
+        self.model.train()
+        lines = [f"step {step}  accuracy {res['accuracy']:.3f}  per level "
+                 + "  ".join(f"{k} {v:.3f}" for k, v in res["per_task"].items()), ""]
+        lines += [f"{'OK ' if ex['reward'] == 1 else 'BAD'} {ex['prompt']}{ex['completion']}" for ex in res["examples"]]
+        (self.cfg.run.dir / "samples" / f"step_{step}.txt").write_text("\n".join(lines) + "\n")
+        print(f"step {step}: eval accuracy {res['accuracy']:.3f}", flush=True)
+        out = {"eval_accuracy": res["accuracy"], "eval_nfe_per_token": res["nfe_per_token"]}
+        if res["hard_accuracy"] is not None:
+            out["eval_hard_accuracy"] = res["hard_accuracy"]
+        out.update({f"eval_{k}": v for k, v in res["per_task"].items()})
+        return out
 
+    def save(self, d: Path) -> dict:
+        self.eval_model.save_pretrained(d)  # the EMA weights when EMA is on: what gets evaluated
+        save_weights(self.model, d)         # the raw weights the optimizer updates
+        save_torch_state(task_state_path(d, "optimizer.pt"), {"optimizer": self.opt.state_dict()})
+        return {}
 
-def _train_step(st: _State, buckets: list[Bucket], step: int, device) -> dict:
-    """One optimizer update (index ``step``, 0-based); every draw comes from a (seed, step) generator."""
-    cfg = st.cfg.train
-    g = torch.Generator().manual_seed(st.cfg.run.seed * 1_000_003 + step)
-    seqs, P = sample_batch(buckets, cfg.batch_size, g)  # (B, L)
-    targets, masked, t = draw_masks(seqs, P, cfg.eps, cfg.complementary, g)  # (B', L) ×2, (B',)
-    targets, masked, t = targets.to(device), masked.to(device), t.to(device)
-    noisy = targets.masked_fill(masked, st.model.mask_id)
-    logits = st.model(noisy)  # (B', L, V)
-    loss = mdm_loss(logits, targets, masked, t, float(targets.shape[1] - P))
-    lr = lr_at(step, cfg)
-    for group in st.opt.param_groups:
-        group["lr"] = lr
-    st.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e9)
-    st.opt.step()
-    st.update_ema()
-    return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "mask_frac": masked.float().mean().item()}
-
-
-def _evaluate(st: _State, problems: list[dict], run_dir: Path, step: int) -> dict:
-    """Greedy accuracy on the held-out problems; writes samples/step_<N>.txt."""
-    from rlgen.eval.text import score_problems
-
-    cfg = st.cfg.train
-    model = st.eval_model.eval()
-    res = score_problems(model, problems, {"steps": cfg.eval_steps or None}, batch_size=cfg.eval_batch_size,
-                         n_examples=24)
-    st.model.train()
-    lines = [f"step {step}  accuracy {res['accuracy']:.3f}  per level "
-             + "  ".join(f"{k} {v:.3f}" for k, v in res["per_task"].items()), ""]
-    lines += [f"{'OK ' if ex['reward'] == 1 else 'BAD'} {ex['prompt']}{ex['completion']}" for ex in res["examples"]]
-    (run_dir / "samples" / f"step_{step}.txt").write_text("\n".join(lines) + "\n")
-    out = {"eval_accuracy": res["accuracy"], "eval_nfe_per_token": res["nfe_per_token"]}
-    if res["hard_accuracy"] is not None:
-        out["eval_hard_accuracy"] = res["hard_accuracy"]
-    out.update({f"eval_{k}": v for k, v in res["per_task"].items()})
-    return out
+    def load(self, d: Path, state: dict) -> None:
+        load_weights(self.model, d)
+        self.opt.load_state_dict(load_torch_state(task_state_path(d, "optimizer.pt"))["optimizer"])
 
 
 def _eval_problems(cfg: MDMPretrainConfig) -> list[dict]:
@@ -301,43 +290,5 @@ def _eval_problems(cfg: MDMPretrainConfig) -> list[dict]:
 
 def train(cfg: MDMPretrainConfig) -> Path:
     """Run (or resume) training; returns the run folder."""
-    set_threads(cfg.run.num_threads)
-    seed_everything(cfg.run.seed)
-    device = resolve_device(cfg.run.device)
-    run_dir = prepare_run_dir(cfg)
-    resume = _resume_source(cfg, run_dir)
-    st = _State(cfg, _build_model(cfg, resume, device))
-    start = st.load(resume) if resume is not None else 0
-    buckets = build_buckets(cfg, st.model.tokenizer, st.model.max_length)
-    problems = _eval_problems(cfg)
-    logger = MetricsLogger(run_dir, cfg.run.tensorboard, resume_step=start if resume is not None else None)
-    t = cfg.train
-    t0 = last_save = last_log = time.time()
-    window: list[dict] = []
-    last = min(t.stop_step or t.max_steps, t.max_steps)
-    bar = tqdm(total=last, initial=start, disable=not cfg.run.progress, desc=cfg.run.name)
-    for step in range(start + 1, last + 1):
-        window.append(_train_step(st, buckets, step - 1, device))
-        bar.update(1)
-        row = {}
-        if step % t.log_every == 0 or step == last:
-            row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-            now = time.time()
-            row.update(elapsed_min=round(st.minutes_before + (now - t0) / 60, 3),
-                       steps_per_s=round(len(window) / (now - last_log), 2))
-            window, last_log = [], now
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
-        if problems and (step % t.eval_every == 0 or step == last):
-            row.update(_evaluate(st, problems, run_dir, step))
-            bar.write(f"step {step}: eval accuracy {row['eval_accuracy']:.3f}")
-        if row:
-            row.setdefault("elapsed_min", round(st.minutes_before + (time.time() - t0) / 60, 3))
-            logger.log(step, **row)
-        due = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == last or \
-            (t.checkpoint_every_minutes and time.time() - last_save >= 60 * t.checkpoint_every_minutes)
-        if due:
-            st.save(run_dir, step, {**row, "elapsed_min": round(st.minutes_before + (time.time() - t0) / 60, 3)})
-            last_save = time.time()
-    bar.close()
-    logger.close()
-    return run_dir
+    run_pretraining(cfg, MDMTask(cfg))
+    return cfg.run.dir

@@ -27,11 +27,12 @@ def base_checkpoint(policy_cfg) -> Path:
 
 
 def pretrain_base(p: Path, config: str, overrides: list[str]) -> None:
-    from rlgen.pretrain.__main__ import run_pretraining
+    from rlgen.pretrain.loop import run_pretraining
+    from rlgen.registry import PRETRAINERS
 
     print(f"[rlgen] base model {p} not found: pretraining it with {config}")
     pcfg = load_config(config, [f"run.root={p.parent}", f"run.name={p.name}", "run.resume=auto", *overrides])
-    run_pretraining(pcfg)
+    run_pretraining(pcfg, PRETRAINERS.get(pcfg.kind)(pcfg))
 
 
 def policy_family(base: Path, algo) -> str:

@@ -11,7 +11,7 @@ from rlgen.config import ConfigError, load_config
 from rlgen.models import load_model
 from rlgen.models.flow import FlowPolicy
 from rlgen.models.prompt_encoder import PromptEmbeds
-from rlgen.pretrain.flow_matching import (FlowMatchingTrainer, FlowPretrainConfig, _EpochBatches, drop_prompts,
+from rlgen.pretrain.flow_matching import (FlowMatchingTask, FlowPretrainConfig, _EpochBatches, drop_prompts,
                                           flow_matching_loss, lr_at, sample_sigmas, train)
 from rlgen.runtime.rundir import read_metrics
 
@@ -122,21 +122,21 @@ def test_tiny_run_layout_then_crash_and_resume_matches_uninterrupted(tmp_path, m
     assert (run / "checkpoints" / "latest").resolve().name == "6"
     assert isinstance(load_model(run), FlowPolicy)  # a run folder loads its latest checkpoint
     state = json.loads((ref_ckpt / "trainer_state" / "state.json").read_text())
-    assert state["step"] == 6 and state["ema_step"] == 6
+    assert state["step"] == 6 and state["task"]["ema_step"] == 6
 
     # Crash after step 4 (checkpoint 3 is the latest), then resume=auto.
-    orig = FlowMatchingTrainer.train_step
+    orig = FlowMatchingTask.train_step
 
-    def crashing(self):
-        if self.step == 4:
+    def crashing(self, step):
+        if step == 4:
             raise RuntimeError("simulated crash")
-        return orig(self)
+        return orig(self, step)
 
-    monkeypatch.setattr(FlowMatchingTrainer, "train_step", crashing)
+    monkeypatch.setattr(FlowMatchingTask, "train_step", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(tiny_cfg(tmp_path, "crashy"))
     assert [r["step"] for r in read_metrics(tmp_path / "crashy")] == [1, 2, 3, 4]
-    monkeypatch.setattr(FlowMatchingTrainer, "train_step", orig)
+    monkeypatch.setattr(FlowMatchingTask, "train_step", orig)
     ckpt = train(tiny_cfg(tmp_path, "crashy", "run.resume=auto"))
     steps = [r["step"] for r in read_metrics(tmp_path / "crashy")]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -164,7 +164,7 @@ def test_generic_dataset_through_a_dataloader(tmp_path):
     ckpt = train(cfg)
     rows = read_metrics(tmp_path / "loader")
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
-    assert json.loads((ckpt / "trainer_state" / "state.json").read_text())["data"] == {"batches": 2}
+    assert json.loads((ckpt / "trainer_state" / "state.json").read_text())["task"]["data"] == {"batches": 2}
 
 
 def test_image_shape_mismatch_is_explained(tmp_path):

@@ -128,7 +128,7 @@ def _train_and_resume(tmp_path):
     ev = json.loads((ckpt / "eval.json").read_text())
     assert ev["steps"] == 2 and ev["candidates"] == 4 and set(ev["per_group"]) == set(S.TASK_TYPES)
     assert 0 <= result["image_to_text"] <= 1 and ev["chance"] == 0.25
-    assert (tmp_path / "c" / "checkpoints" / "1" / "trainer_state.pt").is_file()
+    assert (tmp_path / "c" / "checkpoints" / "1" / "trainer_state" / "optimizer.pt").is_file()
     scores = ClipScore(checkpoint=str(ckpt))(*S.make_batch(np.random.default_rng(0), 3)[:2])
     assert scores.shape == (3,) and torch.isfinite(scores).all()
     # resume: continue the same run to step 3 from its latest checkpoint
