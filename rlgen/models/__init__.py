@@ -1,6 +1,8 @@
 """Generators rlgen trains: flow backbones + prompt encoders (flow.py), masked-diffusion LMs
-(masked_lm.py). Every model folder holds ``rlgen_model.json`` naming its ``model_type``, a key of
-the MODELS registry whose class implements ``save_pretrained(dir)`` / ``from_pretrained(dir, device)``.
+(masked_lm.py, hf_lm.py for Hugging Face diffusion LMs, lora.py, diffusion_gemma.py). Every rlgen
+model folder holds ``rlgen_model.json`` naming its ``model_type``, a key of the MODELS registry whose
+class implements ``save_pretrained(dir)`` / ``from_pretrained(dir, device, ...)``; ``load_model``
+also takes Hugging Face folders and Hub ids.
 """
 from __future__ import annotations
 
@@ -42,11 +44,27 @@ def read_model_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_model(path: str | Path, device: str = "cpu"):
-    """Load any rlgen model from a checkpoint folder or a run folder (→ latest checkpoint)."""
+def load_model(path: str | Path, device: str = "cpu", dtype=None, trust_remote_code: bool = False, **options):
+    """Load a policy from an rlgen checkpoint or run folder (→ latest checkpoint), a Hugging Face
+    model folder (``config.json``: masked-diffusion LMs, DiffusionGemma) or a Hub id (cache first).
+
+    ``trust_remote_code`` comes only from the caller (a user's config or command line), never from
+    a file in the folder. ``options`` are the family's typed options (for masked LMs the fields of
+    ``rlgen.models.hf_lm.MaskedLMOptions``: ``mask_token_id``, ``attention``, ``lora`` …).
+    """
+    import inspect
+
     from rlgen.registry import MODELS
     from rlgen.runtime.rundir import CheckpointError, resolve_checkpoint
 
+    given = dict(options)
+    if dtype is not None:
+        given["dtype"] = dtype
+    if trust_remote_code:
+        given["trust_remote_code"] = True
+    p = Path(path)
+    if not (p.exists() and ((p / MODEL_META).is_file() or (p / "checkpoints").is_dir())):
+        return _load_foreign(path, device, given)
     try:
         ckpt = resolve_checkpoint(path)
     except CheckpointError as e:  # a missing or empty folder is a model that cannot load
@@ -56,9 +74,42 @@ def load_model(path: str | Path, device: str = "cpu"):
         cls = MODELS.get(meta["model_type"])
     except Exception as e:  # RegistryError, or an import error of a 'module:attr' model type
         raise ModelLoadError(f"{ckpt / MODEL_META}: model_type {meta['model_type']!r}: {e}") from e
+    accepted = inspect.signature(cls.from_pretrained).parameters
+    takes_all = any(v.kind is inspect.Parameter.VAR_KEYWORD for v in accepted.values())
+    extra = sorted(k for k in given if k not in accepted and not takes_all)
+    if extra:
+        raise ModelLoadError(f"{ckpt}: options {extra} do not apply to a {meta['model_type']!r} model")
     try:
-        return cls.from_pretrained(ckpt, device=device)
+        return cls.from_pretrained(ckpt, device=device, **given)
     except ModelLoadError:
         raise
     except Exception as e:  # safetensors, transformers and diffusers raise many types for a bad file
         raise ModelLoadError(f"{ckpt}: cannot load {meta['model_type']} model: {type(e).__name__}: {e}") from e
+
+
+def _load_foreign(spec, device: str, options: dict):
+    """A Hugging Face folder or Hub id: the family is read from its files."""
+    from rlgen.models.hf_lm import resolve_model_path
+
+    folder, source = resolve_model_path(spec)
+    if (folder / MODEL_META).is_file():  # a Hub repo or cache entry that is an rlgen checkpoint
+        return load_model(folder, device=device, **options)
+    if (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"{folder}: a diffusers pipeline folder (model_index.json); this build loads "
+                             f"masked-diffusion LMs from Hugging Face folders only")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder}: neither an rlgen checkpoint ({MODEL_META}) nor a Hugging Face model "
+                             f"folder (config.json)")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") == "diffusion_gemma":
+        from rlgen.models.diffusion_gemma import DiffusionGemmaLM
+
+        return DiffusionGemmaLM.load(folder, device=device, **options)
+    from rlgen.models.masked_lm import MaskedDiffusionLM
+
+    try:
+        return MaskedDiffusionLM.from_hf(folder, device=device, source=source, **options)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # transformers raises many types for a bad folder
+        raise ModelLoadError(f"{folder}: cannot load as a masked-diffusion LM: {type(e).__name__}: {e}") from e
