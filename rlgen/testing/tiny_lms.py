@@ -18,7 +18,9 @@ random weights and a byte-level BPE tokenizer trained in milliseconds:
   pattern itself from a 2-D padding mask (``config.block_size``) or takes a 4-D mask (bool, or
   additive float as LLaDA2's own ``generate`` passes), and fills a transformers ``Cache``.
 
-Every builder returns the folder path; ``seed`` fixes the weights.
+Every builder returns the folder path; ``seed`` fixes the weights and ``init_std`` their scale (the
+default 0.02 gives near-uniform predictions; ~0.5 gives confident, context-dependent ones, which
+decoding tests need).
 """
 from __future__ import annotations
 
@@ -267,10 +269,12 @@ def _write_code(path: Path, layout: dict) -> None:
 
 
 def _build(path, kind: str, tokenizer, *, seed: int, hidden_size: int, num_layers: int, num_heads: int,
-           intermediate_size: int, max_length: int, config_extra: dict) -> Path:
+           intermediate_size: int, max_length: int, init_std: float, config_extra: dict) -> Path:
     """Write code + config.json, build the model through the real remote-code path, save weights."""
     import rlgen  # noqa: F401  (its torchvision step must precede transformers' model classes)
     from transformers import AutoConfig, AutoModel
+
+    from rlgen.models import quiet_hf_progress
 
     layout = LAYOUTS[kind]
     path = Path(path)
@@ -283,33 +287,36 @@ def _build(path, kind: str, tokenizer, *, seed: int, hidden_size: int, num_layer
               "num_attention_heads": num_heads, "intermediate_size": intermediate_size,
               "max_position_embeddings": max_length, "attention": layout["attention"],
               "qkv_names": layout["qkv_names"], "out_name": layout["out_name"], "mlp_names": layout["mlp_names"],
-              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **config_extra}
+              "initializer_range": init_std, "eos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id, **config_extra}
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=True, local_files_only=True)
     torch.manual_seed(seed)
     net = AutoModel.from_config(cfg, trust_remote_code=True)
-    net.save_pretrained(str(path))  # config.json (auto_map kept) + model.safetensors + the code files
+    with quiet_hf_progress():
+        net.save_pretrained(str(path))  # config.json (auto_map kept) + model.safetensors + the code files
     tokenizer.save_pretrained(str(path))
     return path
 
 
 def build_tiny_llada(path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                     intermediate_size: int = 128, max_length: int = 256) -> Path:
+                     intermediate_size: int = 128, max_length: int = 256, init_std: float = 0.02) -> Path:
     """LLaDA layout: remote code, bidirectional, mask id only in config.json (``mask_token_id``)."""
     tok = build_bpe_tokenizer(["<|endoftext|>", "<|mdm_mask|>"])  # the mask is a token, not *the* mask token
     extra = {"mask_token_id": tok.convert_tokens_to_ids("<|mdm_mask|>")}
     return _build(path, "llada", tok, seed=seed, hidden_size=hidden_size, num_layers=num_layers,
                   num_heads=num_heads, intermediate_size=intermediate_size, max_length=max_length,
-                  config_extra=extra)
+                  init_std=init_std, config_extra=extra)
 
 
 def build_tiny_dream(path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                     intermediate_size: int = 128, max_length: int = 256) -> Path:
+                     intermediate_size: int = 128, max_length: int = 256, init_std: float = 0.02) -> Path:
     """Dream layout: remote-code model *and* tokenizer (``<|mask|>``, chat template), shifted logits."""
     tok = build_bpe_tokenizer(["<|endoftext|>", "<|mask|>", "<|im_start|>", "<|im_end|>"], mask="<|mask|>",
                               chat_template=CHATML_TEMPLATE)
     path = _build(path, "dream", tok, seed=seed, hidden_size=hidden_size, num_layers=num_layers,
-                  num_heads=num_heads, intermediate_size=intermediate_size, max_length=max_length, config_extra={})
+                  num_heads=num_heads, intermediate_size=intermediate_size, max_length=max_length, init_std=init_std,
+                  config_extra={})
     (path / "tokenization_dream.py").write_text(_TOKENIZER_SRC)
     cfg_path = path / "tokenizer_config.json"
     tok_cfg = json.loads(cfg_path.read_text())
@@ -321,7 +328,7 @@ def build_tiny_dream(path, seed: int = 0, hidden_size: int = 64, num_layers: int
 
 def build_tiny_llada2(path, seed: int = 0, block_size: int = 4, hidden_size: int = 64, num_layers: int = 2,
                       num_heads: int = 4, intermediate_size: int = 128, max_length: int = 256,
-                      tokenizer=None) -> Path:
+                      init_std: float = 0.02, tokenizer=None) -> Path:
     """LLaDA2 layout: remote code, block-causal attention over ``block_size`` blocks, ``<|mask|>``.
 
     ``tokenizer`` replaces the BPE (e.g. rlgen's character tokenizer for a model trained on its tasks);
@@ -332,4 +339,4 @@ def build_tiny_llada2(path, seed: int = 0, block_size: int = 4, hidden_size: int
     extra = {"block_size": block_size, "mask_token_id": tok.mask_token_id}
     return _build(path, "llada2", tok, seed=seed, hidden_size=hidden_size, num_layers=num_layers,
                   num_heads=num_heads, intermediate_size=intermediate_size, max_length=max_length,
-                  config_extra=extra)
+                  init_std=init_std, config_extra=extra)
