@@ -105,8 +105,10 @@ def _load_foreign(spec, device: str, options: dict):
         from rlgen.models.diffusion_gemma import DiffusionGemmaLM
 
         return DiffusionGemmaLM.load(folder, device=device, **options)
+    from rlgen.models.hf_lm import MaskedLMOptions
     from rlgen.models.masked_lm import MaskedDiffusionLM
 
+    MaskedLMOptions.from_kwargs(**options)  # a misspelt option fails here, named, before any loading
     try:
         return MaskedDiffusionLM.from_hf(folder, device=device, source=source, **options)
     except ModelLoadError:

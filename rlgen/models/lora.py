@@ -104,8 +104,9 @@ def save_lora(model, path: Path) -> None:
     """adapter_config.json + adapter_model.safetensors (transformers saves only the adapter)."""
     from rlgen.models import quiet_hf_progress
 
-    if model.lora_base is None:
-        raise ValueError("save_lora: the policy has no LoRA adapter")
+    if model.lora_base is None:  # e.g. LoRA on a freshly built model: nothing on disk to point at
+        raise ValueError("save_lora: the LoRA policy's base model was never saved (no folder or Hub id to "
+                         "point at); save the base first and load it with policy.lora")
     with quiet_hf_progress():
         model.lora_module().save_pretrained(str(path))
     if not (path / "adapter_config.json").is_file():

@@ -121,7 +121,7 @@ class MaskedDiffusionLM(nn.Module):
         if opts.mask_token_id is None:
             opts.mask_token_id = meta["mask_id"]
         model = cls.from_hf(path, device=device, options=opts, saved=meta.get("conventions"),
-                            source=meta.get("source"))
+                            source=str(Path(path).resolve()))  # this checkpoint is a LoRA's base from now on
         model.pad_id, model.eos_id = meta.get("pad_id", model.pad_id), meta.get("eos_id", model.eos_id)
         return model
 
@@ -135,9 +135,9 @@ class MaskedDiffusionLM(nn.Module):
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         meta = self.meta()
-        if self.lora_base is not None:
-            from rlgen.models.lora import save_lora
+        from rlgen.models.lora import has_lora, save_lora
 
+        if has_lora(self):
             save_lora(self, p)  # adapter_config.json + adapter_model.safetensors
             meta["lora_base"] = self.lora_base
         else:
