@@ -92,7 +92,8 @@ def _import_ref(ref: str, kind: str) -> Any:
 
 
 # Built-in modules register themselves on import; listed here so a lookup finds them lazily.
-MODELS = Registry("model", ("rlgen.models.flow", "rlgen.models.masked_lm", "rlgen.models.classifier"))
+MODELS = Registry("model", ("rlgen.models.flow", "rlgen.models.masked_lm", "rlgen.models.classifier",
+                            "rlgen.models.diffusion_gemma"))
 DATASETS = Registry("dataset", ("rlgen.data.shapes", "rlgen.data.fashion_mnist", "rlgen.data.digits",
                                 "rlgen.data.text_tasks"))
 REWARDS = Registry("reward", ("rewards.shapes_verifier", "rewards.text_verifiers", "rewards.math_answer",

@@ -13,6 +13,8 @@ random weights and a byte-level BPE tokenizer trained in milliseconds:
   (``tokenization_dream.DreamTokenizer``) with mask token ``<|mask|>`` and a chat template; its logits
   are shifted like an autoregressive model's (``logits[:, i]`` predicts token ``i + 1``), which is only a
   convention of how the weights were trained — rlgen undoes it (``shift_logits``).
+- ``build_tiny_diffusion_gemma``: transformers' native DiffusionGemma (encoder-decoder block
+  diffusion, uniform noise, tiny MoE text stack + a one-layer vision tower its config requires).
 - ``build_tiny_llada2``: LLaDA2 layout (block diffusion): block-causal attention (a block attends to
   itself and earlier blocks), position ids, fused ``query_key_value``; the network builds the block
   pattern itself from a 2-D padding mask (``config.block_size``) or takes a 4-D mask (bool, or
@@ -340,3 +342,33 @@ def build_tiny_llada2(path, seed: int = 0, block_size: int = 4, hidden_size: int
     return _build(path, "llada2", tok, seed=seed, hidden_size=hidden_size, num_layers=num_layers,
                   num_heads=num_heads, intermediate_size=intermediate_size, max_length=max_length,
                   init_std=init_std, config_extra=extra)
+
+
+def build_tiny_diffusion_gemma(path, seed: int = 0, canvas_length: int = 8, hidden_size: int = 64,
+                               num_layers: int = 2) -> Path:
+    """A tiny ``DiffusionGemmaForBlockDiffusion`` folder (native class, no remote code) + a BPE tokenizer."""
+    import rlgen  # noqa: F401
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    from rlgen.models import quiet_hf_progress
+
+    tok = build_bpe_tokenizer(["<pad>", "<eos>", "<bos>", "<|im_start|>", "<|im_end|>"], eos="<eos>", pad="<pad>",
+                              chat_template=CHATML_TEMPLATE)
+    vocab = len(tok) + 3  # + the image markers the multimodal config names
+    text = dict(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                global_head_dim=16, max_position_embeddings=512, sliding_window=64,
+                layer_types=["sliding_attention"] * (num_layers - 1) + ["full_attention"], num_experts=4,
+                top_k_experts=2, moe_intermediate_size=hidden_size, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, bos_token_id=tok.convert_tokens_to_ids("<bos>"))
+    vision = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=64)
+    cfg = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas_length,
+                               boi_token_id=vocab - 3, eoi_token_id=vocab - 2, image_token_id=vocab - 1)
+    torch.manual_seed(seed)
+    net = DiffusionGemmaForBlockDiffusion(cfg)
+    path = Path(path)
+    with quiet_hf_progress():
+        net.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
