@@ -76,7 +76,8 @@ def reference_answer(gold) -> str:
     """The reference: the whole value when it is already an answer (``72``, ``\\frac{1}{3}``), else
     what ``extract_answer`` reads from a worked solution ("… #### 72")."""
     text = str(gold).strip()
-    if as_number(text) is not None or (last_boxed(text) is None and "####" not in text and "answer is" not in text.lower()):
+    worked = last_boxed(text) is not None or "####" in text or "answer is" in text.lower()
+    if as_number(text) is not None or not worked:
         return text
     return extract_answer(text) or text
 

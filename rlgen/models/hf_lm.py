@@ -213,7 +213,7 @@ def load_hf_tokenizer(folder: Path, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
-        raise ModelLoadError(f"{folder}: no tokenizer (tokenizer.json / tokenizer_config.json)")
+        raise ModelLoadError(f"{folder}: no tokenizer.json / tokenizer_config.json")
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
 
 

@@ -94,7 +94,8 @@ def generate_block_causal(model, prompt_ids, gen_length, steps, block_length, te
     if cache not in (None, "prefix", "none"):
         raise ValueError(f"cache must be None, 'prefix' or 'none', got {cache!r}")
     if attention_mask is not None and attention_mask.shape != prompt_ids.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match prompt_ids {tuple(prompt_ids.shape)}")
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match prompt_ids "
+                         f"{tuple(prompt_ids.shape)}")
     spec = _Spec(prompt_ids.shape[1], gen_length, block_length, mask_id, float(temperature), remasking, threshold,
                  None, 0.0, sorted({mask_id, *map(int, forbidden_ids)}), eos_id,
                  eos_id if pad_id is None else pad_id, generator)
@@ -114,7 +115,8 @@ def generate_blocks(model, prompt_ids, gen_length, steps_per_block, block_length
     am[:, :P] = 1 if attention_mask is None else attention_mask
     am[:, P:P + G] = 1
     width = total - P  # answer + tail
-    out = GenerateOutput(tokens=x[:, :P + G].clone(), order=torch.full((B, width), -1, dtype=torch.long, device=device),
+    out = GenerateOutput(tokens=x[:, :P + G].clone(),
+                         order=torch.full((B, width), -1, dtype=torch.long, device=device),
                          token_logprobs=torch.zeros(B, width, device=device),
                          confidence=torch.zeros(B, width, device=device),
                          steps_taken=torch.zeros(B, dtype=torch.long, device=device), nfe=0, forward_tokens=0,
@@ -136,7 +138,8 @@ class _BlockState:
 
     def __init__(self, x, am, out, spec, use_cache, editing_threshold, max_post_steps, schedule):
         self.x, self.am, self.out, self.spec = x, am, out, spec
-        self.use_cache, self.edit_thr, self.max_post, self.schedule = use_cache, editing_threshold, max_post_steps, schedule
+        self.use_cache, self.edit_thr, self.max_post = use_cache, editing_threshold, max_post_steps
+        self.schedule = schedule
         self.rows = torch.arange(x.shape[0], device=x.device)  # rows still decoding (not settled by eos)
         self.cache, self.cached = None, 0  # the transformers Cache and how many positions it holds
 

@@ -120,6 +120,40 @@ def make_mask_plan(batch, answer_len, n_samples, generator=None, form="l", alloc
     return MaskPlan(masks=masks.to(device), weights=weights.float().to(device), t=level.float().to(device), form=form)
 
 
+def make_block_mask_plan(batch, prompt_len, answer_len, block_size, n_samples, generator=None,
+                         answer_mask=None, allocation="optimal", device=None) -> MaskPlan:
+    """ELBO draws for a *block-causal* model (block diffusion; Arriola et al. 2025, arXiv:2503.09573).
+
+    Its likelihood factorises over blocks aligned to absolute position 0 (as the sampler decodes
+    them): log p(answer) ≥ Σ_b ELBO(block b | clean blocks < b). Each sample picks one of the K
+    blocks that hold answer positions uniformly, masks l ~ U{1..n_b} of that block's real answer
+    tokens (l-form) and weighs them by ``K · n_b / l``: unbiased for the sum over blocks. Earlier
+    blocks stay clean (what the sampler conditions on) and later ones too (a block-causal model never
+    looks at them). Use with ``elbo_from_plan`` like ``make_mask_plan``'s plans (VRPO, training).
+    """
+    if n_samples < 1 or block_size < 1:
+        raise ValueError(f"n_samples ({n_samples}) and block_size ({block_size}) must be ≥ 1")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    draw = generator.device if generator is not None else torch.device(device or "cpu")
+    device = draw if device is None else torch.device(device)
+    real = torch.ones(batch, answer_len, dtype=torch.bool, device=draw) if answer_mask is None \
+        else answer_mask.to(device=draw, dtype=torch.bool)
+    block_of = (prompt_len + torch.arange(answer_len, device=draw)) // block_size  # (L,) absolute block ids
+    first, K = int(block_of[0]), int(block_of[-1] - block_of[0]) + 1
+    chosen = first + torch.randint(K, (n_samples, batch), generator=generator, device=draw)  # (n, B)
+    in_block = (block_of[None, None, :] == chosen[..., None]) & real[None]  # (n, B, L)
+    n_b = in_block.sum(-1).float()  # (n, B)
+    u = _levels(n_samples, batch, generator, draw, allocation)
+    l = torch.ceil(u * n_b).clamp_min(1.0)
+    scores = torch.rand(n_samples, batch, answer_len, generator=generator, device=draw)
+    rank = scores.masked_fill(~in_block, 2.0).argsort(-1).argsort(-1)
+    masks = (rank < l[..., None]) & in_block
+    weights = torch.where(n_b > 0, K * n_b / l, torch.zeros_like(l))
+    level = torch.where(n_b > 0, l / n_b.clamp_min(1.0), torch.zeros_like(l))
+    return MaskPlan(masks=masks.to(device), weights=weights.float().to(device), t=level.float().to(device), form="l")
+
+
 def elbo_from_plan(model, prompt_ids, answer_ids, plan: MaskPlan, mask_id, attention_mask=None,
                    return_samples=False, samples_per_forward=None):
     """ELBO estimate (B,) = mean over the plan's samples of ``weight · Σ_masked log p(x_i | x_masked)``.

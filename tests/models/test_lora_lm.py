@@ -119,3 +119,12 @@ def test_add_lora_directly_on_rlgen_tiny_bert(tmp_path):
     assert any("attention.self.query" in n for n in names)
     with pytest.raises(ValueError, match="base model was never saved"):
         model.save_pretrained(tmp_path)
+
+
+def test_lora_with_gradient_checkpointing_and_bf16_trains_the_adapter(folders):
+    model = load_model(folders["llada2"], trust_remote_code=True, dtype="bfloat16", gradient_checkpointing=True,
+                       lora=LoraOptions(r=2)).train()
+    assert model.dtype == torch.bfloat16 and model.net.is_gradient_checkpointing
+    model(_ids((2, 8), seed=3)).float().logsumexp(-1).mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for n, g in grads.items() if "lora_A" in n or "lora_B" in n)
