@@ -135,6 +135,7 @@ def resolve_conventions(config, options: MaskedLMOptions, saved: dict | None = N
 # Locating a model: a folder or a Hub id (cache first)
 # ----------------------------------------------------------------------------------------------
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.md"]
 
 
 def _offline() -> bool:
@@ -164,8 +165,8 @@ def resolve_model_path(spec: str | Path) -> tuple[Path, str]:
     if _offline():
         raise ModelLoadError(f"{text}: no such folder, and Hub id {text!r} is not in the local Hugging Face cache "
                              f"(offline); download it first (hf download {text}) or give a folder")
-    try:
-        return Path(snapshot_download(text)), text
+    try:  # safetensors and text files only: pickled weights are never fetched (or loaded)
+        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS)), text
     except Exception as e:
         raise ModelLoadError(f"{text}: no such folder, and Hub id {text!r} is not in the local Hugging Face cache "
                              f"and could not be downloaded ({type(e).__name__})") from None

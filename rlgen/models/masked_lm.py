@@ -245,16 +245,30 @@ class MaskedDiffusionLM(nn.Module):
             bs = conv.block_size
             allow = allow & ((k_pos // bs)[None, :] <= (q_pos // bs)[:, None])
         allow = allow | (k_pos[None, :] == q_pos[:, None])  # a padded query still sees itself: no empty softmax
-        if conv.attention_mask_format == "bool":
-            mask = allow
-        else:
-            mask = torch.zeros(allow.shape, dtype=self.dtype, device=device)
-            mask = mask.masked_fill(~allow, torch.finfo(self.dtype).min)
+        mask = self._network_mask(allow)
         if padded and not self.is_block_causal:  # Dream: pads take no position (cumulative count of real tokens)
             position_ids = (keys.long().cumsum(-1) - 1).clamp_min(0)[:, start:]
         else:
             position_ids = q_pos.expand(B, L)
         return {"attention_mask": mask, "position_ids": position_ids}
+
+    def _network_mask(self, allow: torch.Tensor) -> torch.Tensor:
+        """A (B, 1, L, K) bool "may attend" matrix in the network's 4-D format (bool or additive)."""
+        if self.conventions.attention_mask_format == "bool":
+            return allow
+        if self.conventions.attention_mask_format != "additive":
+            raise ValueError(f"{type(self.net).__name__} takes 2-D padding masks only; a 4-D attention pattern "
+                             f"needs policy.attention_mask_format=bool or additive")
+        return torch.zeros(allow.shape, dtype=self.dtype, device=allow.device).masked_fill(
+            ~allow, torch.finfo(self.dtype).min)
+
+    def forward_with_pattern(self, input_ids: torch.Tensor, allow: torch.Tensor,
+                             position_ids: torch.Tensor) -> torch.Tensor:
+        """logits (B, L, V) under an explicit attention pattern ``allow`` (B, 1, L, L) bool and
+        ``position_ids`` (B, L): e.g. block diffusion's two-copy training sequence
+        (``rlgen.samplers.likelihood.block_elbo``)."""
+        out = self.net(input_ids=input_ids, attention_mask=self._network_mask(allow), position_ids=position_ids)
+        return self._logits(out)
 
     def _logits(self, out) -> torch.Tensor:
         logits = out.logits if hasattr(out, "logits") else out[0]

@@ -113,9 +113,12 @@ def _call(model, input_ids, attention_mask=None, **cache_kwargs):
     return out[0], out
 
 
-def model_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """(b, l, V) logits of any masked-diffusion model output (a tensor, ``.logits`` or a tuple)."""
-    return _call(model, input_ids)[0]
+def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(b, l, V) logits of any masked-diffusion model output (a tensor, ``.logits`` or a tuple).
+
+    ``attention_mask`` (b, l) marks real tokens of left-padded rows, as ``generate`` was given them.
+    """
+    return _call(model, input_ids, attention_mask)[0]
 
 
 def _guided_logits(model, x, attention_mask, spec: _Spec, start: int = 0, **cache_kwargs):

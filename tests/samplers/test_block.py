@@ -164,3 +164,28 @@ def test_block_mask_plan_masks_one_block_and_is_unbiased():
     exact = logp.gather(-1, answer.T.reshape(G, 2)).T  # (2, G)
     exact = torch.where(answer_mask, exact, torch.zeros_like(exact)).sum(-1)
     assert torch.allclose(est, exact, rtol=0.05)
+
+
+def test_block_elbo_two_copy_pattern_equals_per_block_forwards(model):
+    """Each block's log-probs from the one two-copy forward equal a plain block-causal forward of
+    (clean earlier blocks, that block noised): the pattern shows the model what decoding shows it."""
+    from rlgen.samplers.likelihood import block_elbo
+
+    g = torch.Generator().manual_seed(5)
+    prompts, answers = _prompts(n=2, length=6, seed=5), _prompts(n=2, length=9, seed=6)
+    elbo, masks, logp, weights = block_elbo(model, prompts, answers, model.mask_id, BL, generator=g,
+                                            return_details=True)
+    P = prompts.shape[1]
+    blocks = (P + torch.arange(9)) // BL
+    for b in blocks.unique().tolist():
+        cols = blocks == b
+        x = torch.cat([prompts, answers], 1)
+        x[:, P:][:, cols] = torch.where(masks[:, cols], model.mask_id, answers[:, cols])
+        x[:, P:][:, blocks > b] = model.mask_id  # later blocks: invisible anyway
+        with torch.no_grad():
+            lg = model(x)[:, P:].float()
+        lg[..., model.mask_id] = float("-inf")
+        ref = torch.log_softmax(lg, -1).gather(-1, answers[..., None])[..., 0]
+        assert torch.allclose(logp[:, cols], ref[:, cols], atol=1e-4)
+        assert masks[:, cols].any(1).all()  # every block masks at least one token per row
+    assert torch.allclose(elbo, (weights * logp * masks).sum(-1))
