@@ -68,20 +68,21 @@ def train(args) -> Path:
 
 
 @torch.no_grad()
-def decode(model, problems, args, **kw) -> tuple[float, float, int, int]:
-    """(accuracy, seconds, answer tokens, positions fed) for one setting."""
+def decode(model, problems, args, **kw) -> tuple[float, float, int, int, list]:
+    """(accuracy, seconds, answer tokens, positions fed, answers) for one setting."""
     task = get_task("arith")
     ids = torch.tensor(encode_batch(model.tokenizer, [task.format_prompt(p) for p in problems]))
-    right, secs, fed = 0.0, 0.0, 0
+    right, secs, fed, answers = 0.0, 0.0, 0, []
     for s in range(0, len(problems), args.batch_size):
         t0 = time.perf_counter()
         out = generate(model, ids[s:s + args.batch_size], args.gen_length, None, args.block,
                        forbidden_ids=(model.pad_id, model.mask_id), **kw)
         secs += time.perf_counter() - t0
         fed += out.forward_tokens
+        answers += out.answer.tolist()
         for p, row in zip(problems[s:s + args.batch_size], out.answer.tolist()):
             right += task.check(p, decode_completion(model.tokenizer, row))
-    return right / len(problems), secs, len(problems) * args.gen_length, fed
+    return right / len(problems), secs, len(problems) * args.gen_length, fed, answers
 
 
 def measure(model_dir: Path, args) -> dict:
@@ -93,20 +94,22 @@ def measure(model_dir: Path, args) -> dict:
     for _ in range(args.repeats):  # interleaved: a burst of foreign load hits every setting alike
         for name, kw in settings.items():
             for cache in ("none", "prefix"):
-                acc, secs, toks, fed = decode(model, problems, args, cache=cache, **kw)
+                acc, secs, toks, fed, answers = decode(model, problems, args, cache=cache, **kw)
                 prev = best.get((name, cache))
-                best[(name, cache)] = (acc, min(secs, prev[1]) if prev else secs, toks, fed)
+                best[(name, cache)] = (acc, min(secs, prev[1]) if prev else secs, toks, fed, answers)
     rows = {}
     print(f"\narith {args.level}: {len(problems)} held-out problems, gen_length {args.gen_length}, block {args.block}, "
           f"batch {args.batch_size}, threads {torch.get_num_threads()}")
     print(f"{'setting':18s} {'acc none':>8s} {'acc cache':>9s} {'Δacc(pt)':>8s} {'tok/s none':>10s} "
-          f"{'tok/s cache':>11s} {'ratio':>6s} {'fed ratio':>9s}")
+          f"{'tok/s cache':>11s} {'ratio':>6s} {'fed ratio':>9s} {'same ans':>8s}")
     for name in settings:
-        (a0, s0, t0, f0), (a1, s1, t1, f1) = best[(name, "none")], best[(name, "prefix")]
+        (a0, s0, t0, f0, ans0), (a1, s1, t1, f1, ans1) = best[(name, "none")], best[(name, "prefix")]
+        same = sum(x == y for x, y in zip(ans0, ans1)) / len(ans0)
         rows[name] = {"accuracy_none": a0, "accuracy_cache": a1, "tokens_per_s_none": t0 / s0,
-                      "tokens_per_s_cache": t1 / s1, "speedup": (t1 / s1) / (t0 / s0), "fed_none": f0, "fed_cache": f1}
+                      "tokens_per_s_cache": t1 / s1, "speedup": (t1 / s1) / (t0 / s0), "fed_none": f0,
+                      "fed_cache": f1, "identical_answers": same}
         print(f"{name:18s} {a0:8.3f} {a1:9.3f} {100 * (a1 - a0):+8.1f} {t0 / s0:10.0f} {t1 / s1:11.0f} "
-              f"{rows[name]['speedup']:6.2f} {f0 / f1:9.2f}")
+              f"{rows[name]['speedup']:6.2f} {f0 / f1:9.2f} {same:8.3f}")
     return rows
 
 
@@ -116,7 +119,7 @@ def main() -> None:
     ap.add_argument("--out-dir", default="runs/bench_block_decoding")
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--train-batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--level", default="pm2")
     ap.add_argument("--block", type=int, default=4)
     ap.add_argument("--gen-length", type=int, default=8)
