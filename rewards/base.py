@@ -72,6 +72,26 @@ def _accepted_meta(fn: Callable) -> set[str] | None:
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+# Arguments a reward always gets from rlgen (never dataset columns); trl passes the last three itself.
+_NOT_COLUMNS = {"samples", "prompts", "completions", "completion_ids", "log_extra", "log_metric", "trainer_state"}
+
+
+def columns_needed(fn: Callable) -> list[str | tuple[str, ...]]:
+    """Dataset columns a reward needs: its required keyword parameters beyond what every reward
+    gets (samples/completions, prompts), plus those it declares in ``required_columns`` (a name, or a
+    tuple of alternatives such as ``("solution", "answer")``)."""
+    needs = list(getattr(fn, "required_columns", ()))
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return needs
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not _is_trl_style(fn):
+        named = named[2:]  # rlgen style: the first two are samples and prompts, whatever their names
+    needs += [p.name for p in named if p.default is p.empty and p.name not in _NOT_COLUMNS]
+    return needs
+
+
 class Reward:
     """A resolved reward: ``reward(samples, prompts, **meta)`` whatever the underlying style."""
 

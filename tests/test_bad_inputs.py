@@ -218,8 +218,9 @@ def checkpoint_meta_missing(tmp):
     from rlgen.models import ModelLoadError, load_model
 
     d = arith_copy(tmp, "nometa")
-    (d / "rlgen_model.json").unlink()
-    return lambda: load_model(d), ModelLoadError, rf"{d} is neither a checkpoint folder .*rlgen_model\.json"
+    (d / "rlgen_model.json").unlink()  # without config.json either, it is no Hugging Face folder
+    (d / "config.json").unlink()
+    return lambda: load_model(d), ModelLoadError, rf"{d}: neither an rlgen checkpoint \(rlgen_model\.json\) nor a Hugging Face model folder"
 
 
 @case

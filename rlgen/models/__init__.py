@@ -1,6 +1,8 @@
 """Generators rlgen trains: flow backbones + prompt encoders (flow.py), masked-diffusion LMs
-(masked_lm.py). Every model folder holds ``rlgen_model.json`` naming its ``model_type``, a key of
-the MODELS registry whose class implements ``save_pretrained(dir)`` / ``from_pretrained(dir, device)``.
+(masked_lm.py, hf_lm.py for Hugging Face diffusion LMs, lora.py, diffusion_gemma.py). Every rlgen
+model folder holds ``rlgen_model.json`` naming its ``model_type``, a key of the MODELS registry whose
+class implements ``save_pretrained(dir)`` / ``from_pretrained(dir, device, ...)``; ``load_model``
+also takes Hugging Face folders and Hub ids.
 """
 from __future__ import annotations
 
@@ -42,18 +44,27 @@ def read_model_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_model(path: str | Path, device: str = "cpu", **options):
-    """Load a policy from an rlgen checkpoint folder or a run folder (→ latest checkpoint).
+def load_model(path: str | Path, device: str = "cpu", dtype=None, trust_remote_code: bool = False, **options):
+    """Load a policy from an rlgen checkpoint or run folder (→ latest checkpoint), a Hugging Face
+    model folder (``config.json``: masked-diffusion LMs, DiffusionGemma) or a Hub id (cache first).
 
-    ``options`` (``trust_remote_code``, ``dtype``, a family's load options …) go to the model
-    class's ``from_pretrained`` where it takes them; ``trust_remote_code`` only ever comes from
-    the caller, never from a file in the folder.
+    ``trust_remote_code`` comes only from the caller (a user's config or command line), never from
+    a file in the folder. ``options`` are the family's typed options (for masked LMs the fields of
+    ``rlgen.models.hf_lm.MaskedLMOptions``: ``mask_token_id``, ``attention``, ``lora`` …).
     """
     import inspect
 
     from rlgen.registry import MODELS
     from rlgen.runtime.rundir import CheckpointError, resolve_checkpoint
 
+    given = dict(options)
+    if dtype is not None:
+        given["dtype"] = dtype
+    if trust_remote_code:
+        given["trust_remote_code"] = True
+    p = Path(path)
+    if not (p.exists() and ((p / MODEL_META).is_file() or (p / "checkpoints").is_dir())):
+        return _load_foreign(path, device, given)
     try:
         ckpt = resolve_checkpoint(path)
     except CheckpointError as e:  # a missing or empty folder is a model that cannot load
@@ -63,24 +74,64 @@ def load_model(path: str | Path, device: str = "cpu", **options):
         cls = MODELS.get(meta["model_type"])
     except Exception as e:  # RegistryError, or an import error of a 'module:attr' model type
         raise ModelLoadError(f"{ckpt / MODEL_META}: model_type {meta['model_type']!r}: {e}") from e
-    params = inspect.signature(cls.from_pretrained).parameters
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in options.items() if v is not None and (takes_all or k in params)}
+    accepted = inspect.signature(cls.from_pretrained).parameters
+    takes_all = any(v.kind is inspect.Parameter.VAR_KEYWORD for v in accepted.values())
+    extra = sorted(k for k in given if k not in accepted and not takes_all)
+    if extra:
+        raise ModelLoadError(f"{ckpt}: options {extra} do not apply to a {meta['model_type']!r} model")
     try:
-        return cls.from_pretrained(ckpt, device=device, **kwargs)
+        return cls.from_pretrained(ckpt, device=device, **given)
     except ModelLoadError:
         raise
     except Exception as e:  # safetensors, transformers and diffusers raise many types for a bad file
         raise ModelLoadError(f"{ckpt}: cannot load {meta['model_type']} model: {type(e).__name__}: {e}") from e
 
 
+def _load_foreign(spec, device: str, options: dict):
+    """A Hugging Face folder or Hub id: the family is read from its files."""
+    from rlgen.models.hf_lm import resolve_model_path
+
+    folder, source = resolve_model_path(spec)
+    if (folder / MODEL_META).is_file():  # a Hub repo or cache entry that is an rlgen checkpoint
+        return load_model(folder, device=device, **options)
+    if (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"{folder}: a diffusers pipeline folder (model_index.json); this build loads "
+                             f"masked-diffusion LMs from Hugging Face folders only")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder}: neither an rlgen checkpoint ({MODEL_META}) nor a Hugging Face model "
+                             f"folder (config.json)")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") == "diffusion_gemma":
+        from rlgen.models.diffusion_gemma import DiffusionGemmaLM
+
+        return DiffusionGemmaLM.load(folder, device=device, **options)
+    from rlgen.models.hf_lm import MaskedLMOptions
+    from rlgen.models.masked_lm import MaskedDiffusionLM
+
+    MaskedLMOptions.from_kwargs(**options)  # a misspelt option fails here, named, before any loading
+    try:
+        return MaskedDiffusionLM.from_hf(folder, device=device, source=source, **options)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # transformers raises many types for a bad folder
+        raise ModelLoadError(f"{folder}: cannot load as a masked-diffusion LM: {type(e).__name__}: {e}") from e
+
+
 def detect_family(path: str | Path) -> str:
-    """The model family of a folder, from its metadata files alone (no weights are read)."""
+    """The model family of a folder, from its metadata files alone (no weights are read): an rlgen
+    checkpoint names its model type; a diffusers pipeline folder is a flow model; a Hugging Face
+    model folder is a masked-diffusion LM."""
     from rlgen.registry import MODELS
     from rlgen.runtime.rundir import CheckpointError, resolve_checkpoint
 
+    p = Path(path)
+    if p.is_dir() and not (p / MODEL_META).is_file() and not (p / "checkpoints").is_dir():
+        if (p / "model_index.json").is_file():
+            return "flow"
+        if (p / "config.json").is_file():
+            return "masked_lm"
     try:
-        ckpt = resolve_checkpoint(path)
+        ckpt = resolve_checkpoint(p)
     except CheckpointError as e:
         raise ModelLoadError(str(e)) from e
     meta = read_model_meta(ckpt)

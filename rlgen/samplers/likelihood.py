@@ -120,6 +120,40 @@ def make_mask_plan(batch, answer_len, n_samples, generator=None, form="l", alloc
     return MaskPlan(masks=masks.to(device), weights=weights.float().to(device), t=level.float().to(device), form=form)
 
 
+def make_block_mask_plan(batch, prompt_len, answer_len, block_size, n_samples, generator=None,
+                         answer_mask=None, allocation="optimal", device=None) -> MaskPlan:
+    """ELBO draws for a *block-causal* model (block diffusion; Arriola et al. 2025, arXiv:2503.09573).
+
+    Its likelihood factorises over blocks aligned to absolute position 0 (as the sampler decodes
+    them): log p(answer) ≥ Σ_b ELBO(block b | clean blocks < b). Each sample picks one of the K
+    blocks that hold answer positions uniformly, masks l ~ U{1..n_b} of that block's real answer
+    tokens (l-form) and weighs them by ``K · n_b / l``: unbiased for the sum over blocks. Earlier
+    blocks stay clean (what the sampler conditions on) and later ones too (a block-causal model never
+    looks at them). Use with ``elbo_from_plan`` like ``make_mask_plan``'s plans (VRPO, training).
+    """
+    if n_samples < 1 or block_size < 1:
+        raise ValueError(f"n_samples ({n_samples}) and block_size ({block_size}) must be ≥ 1")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    draw = generator.device if generator is not None else torch.device(device or "cpu")
+    device = draw if device is None else torch.device(device)
+    real = torch.ones(batch, answer_len, dtype=torch.bool, device=draw) if answer_mask is None \
+        else answer_mask.to(device=draw, dtype=torch.bool)
+    block_of = (prompt_len + torch.arange(answer_len, device=draw)) // block_size  # (L,) absolute block ids
+    first, K = int(block_of[0]), int(block_of[-1] - block_of[0]) + 1
+    chosen = first + torch.randint(K, (n_samples, batch), generator=generator, device=draw)  # (n, B)
+    in_block = (block_of[None, None, :] == chosen[..., None]) & real[None]  # (n, B, L)
+    n_b = in_block.sum(-1).float()  # (n, B)
+    u = _levels(n_samples, batch, generator, draw, allocation)
+    l = torch.ceil(u * n_b).clamp_min(1.0)
+    scores = torch.rand(n_samples, batch, answer_len, generator=generator, device=draw)
+    rank = scores.masked_fill(~in_block, 2.0).argsort(-1).argsort(-1)
+    masks = (rank < l[..., None]) & in_block
+    weights = torch.where(n_b > 0, K * n_b / l, torch.zeros_like(l))
+    level = torch.where(n_b > 0, l / n_b.clamp_min(1.0), torch.zeros_like(l))
+    return MaskPlan(masks=masks.to(device), weights=weights.float().to(device), t=level.float().to(device), form="l")
+
+
 def elbo_from_plan(model, prompt_ids, answer_ids, plan: MaskPlan, mask_id, attention_mask=None,
                    return_samples=False, samples_per_forward=None):
     """ELBO estimate (B,) = mean over the plan's samples of ``weight · Σ_masked log p(x_i | x_masked)``.
@@ -171,3 +205,49 @@ def elbo_l(model, prompt_ids, answer_ids, mask_id, n_samples, generator=None, an
     plan = make_mask_plan(answer_ids.shape[0], answer_ids.shape[1], n_samples, generator, form="l",
                           allocation="naive", answer_mask=answer_mask, device=answer_ids.device)
     return elbo_from_plan(model, prompt_ids, answer_ids, plan, mask_id, attention_mask, return_samples)
+
+
+def block_elbo(model, prompt_ids, answer_ids, mask_id, block_size, generator=None, answer_mask=None,
+               return_details=False):
+    """Every block's ELBO of a block-causal model in ONE forward (BD3-LM's two-copy sequence,
+    Arriola et al. 2025, arXiv:2503.09573): (B,) unbiased for Σ_b ELBO(block b | clean blocks < b).
+
+    The input is [noisy copy ; clean copy] of prompt + answer (2L positions, both with positions
+    0..L−1). A noisy position of block b attends to the noisy positions of block b and the clean
+    positions of blocks < b; a clean position attends block-causally to clean positions — exactly
+    what the sampler shows the model while it decodes block b. Each block of each row masks
+    l_b ~ U{1..n_b} of its real answer tokens (l-form) with weight n_b / l_b. Blocks are aligned to
+    position 0, as ``generate`` decodes them. Needs ``model.forward_with_pattern`` (MaskedDiffusionLM).
+    ``return_details`` adds (masks, per-token log-probs, weights), each (B, G).
+    """
+    B, P = prompt_ids.shape
+    G = answer_ids.shape[1]
+    L, device = P + G, answer_ids.device
+    draw = generator.device if generator is not None else device
+    clean = torch.cat([prompt_ids, answer_ids], dim=1)  # (B, L)
+    real = torch.ones(B, G, dtype=torch.bool, device=draw) if answer_mask is None else answer_mask.to(draw).bool()
+    blk = torch.arange(L, device=draw) // block_size  # (L,)
+    masks = torch.zeros(B, G, dtype=torch.bool, device=draw)
+    weights = torch.zeros(B, G, device=draw)
+    scores = torch.rand(B, G, generator=generator, device=draw)
+    for b in blk[P:].unique().tolist():  # a handful of blocks: a loop reads best
+        cols = (blk[P:] == b).nonzero().squeeze(1)
+        r = real[:, cols]  # (B, n)
+        n_b = r.sum(1, keepdim=True).float()  # (B, 1)
+        l = torch.ceil((1.0 - torch.rand(B, 1, generator=generator, device=draw)) * n_b).clamp_min(1.0)
+        rank = scores[:, cols].masked_fill(~r, 2.0).argsort(-1).argsort(-1)
+        masks[:, cols] = (rank < l) & r
+        weights[:, cols] = torch.where(n_b > 0, n_b / l, torch.zeros_like(l)).expand_as(r)
+    masks, weights, blk = masks.to(device), weights.to(device), blk.to(device)
+    noisy = clean.clone()
+    noisy[:, P:] = torch.where(masks, torch.full_like(answer_ids, mask_id), answer_ids)
+    q_blk, k_blk = blk[:, None], blk[None, :]  # (L, 1), (1, L)
+    allow = torch.cat([torch.cat([q_blk == k_blk, k_blk < q_blk], dim=1),  # noisy queries
+                       torch.cat([torch.zeros(L, L, dtype=torch.bool, device=device), k_blk <= q_blk], dim=1)])
+    allow = allow[None, None].expand(B, 1, 2 * L, 2 * L)  # (B, 1, 2L, 2L)
+    positions = torch.arange(L, device=device).repeat(2).expand(B, 2 * L)
+    logits = model.forward_with_pattern(torch.cat([noisy, clean], dim=1), allow, positions)[:, P:L]  # (B, G, V)
+    logits = logits.float().index_fill(-1, torch.tensor([mask_id], device=device), float("-inf"))
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, answer_ids[..., None]).squeeze(-1)  # (B, G)
+    elbo = torch.where(masks, weights * logp, torch.zeros_like(logp)).sum(-1)
+    return (elbo, masks, logp, weights) if return_details else elbo

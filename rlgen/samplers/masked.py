@@ -47,6 +47,7 @@ class GenerateOutput:
     nfe: int  # model calls (a CFG call runs conditional + unconditional halves as one batch)
     forward_tokens: int  # positions fed to the model, summed over calls: the compute actually spent
     prompt_length: int
+    edits: torch.Tensor | None = None  # (B, G) long: token-editing rewrites per position (block decoding)
 
     @property
     def answer(self) -> torch.Tensor:  # (B, G)
@@ -112,9 +113,12 @@ def _call(model, input_ids, attention_mask=None, **cache_kwargs):
     return out[0], out
 
 
-def model_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """(b, l, V) logits of any masked-diffusion model output (a tensor, ``.logits`` or a tuple)."""
-    return _call(model, input_ids)[0]
+def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(b, l, V) logits of any masked-diffusion model output (a tensor, ``.logits`` or a tuple).
+
+    ``attention_mask`` (b, l) marks real tokens of left-padded rows, as ``generate`` was given them.
+    """
+    return _call(model, input_ids, attention_mask)[0]
 
 
 def _guided_logits(model, x, attention_mask, spec: _Spec, start: int = 0, **cache_kwargs):
@@ -176,14 +180,19 @@ def _select(score, cand, k, threshold):
 
 
 def _eos_stop(gen, order, logprobs, spec: _Spec):
+    """Rows that are done: settled by eos (``_eos_settle``, edits in place) or fully unmasked. (b,) bool."""
+    if spec.eos_id is None:
+        return ~(gen == spec.mask_id).any(dim=1)
+    return _eos_settle(gen, order, logprobs, spec) | ~(gen == spec.mask_id).any(dim=1)
+
+
+def _eos_settle(gen, order, logprobs, spec: _Spec):
     """Rows whose answer is settled by eos: the first eos is unmasked and so is all before it.
 
     gen/order/logprobs are (b, G) and edited in place: positions after that eos become
     ``fill_id`` with order −1 (not a model decision, so RL gives them no credit). Returns (b,) bool.
     """
     masked = gen == spec.mask_id  # (b, G)
-    if spec.eos_id is None:
-        return ~masked.any(dim=1)
     pos = torch.arange(gen.shape[1], device=gen.device)[None, :]  # (1, G)
     is_eos = (gen == spec.eos_id) & ~masked
     has_eos = is_eos.any(dim=1)
@@ -193,7 +202,7 @@ def _eos_stop(gen, order, logprobs, spec: _Spec):
     gen[fill] = spec.fill_id
     order[fill] = -1
     logprobs[fill] = 0.0
-    return settled | ~(gen == spec.mask_id).any(dim=1)
+    return settled
 
 
 def _decode_step(out: GenerateOutput, rows, logits, offset: int, spec: _Spec) -> torch.Tensor:
@@ -276,8 +285,9 @@ def _validate(prompt_ids, gen_length, steps, block_length, temperature, remaskin
 def generate(model, prompt_ids, gen_length, steps, block_length, temperature=0.0,
              remasking="low_confidence", threshold=None, cfg_scale=0.0, mask_id=None, *,
              generator=None, eos_id=None, pad_id=None, forbidden_ids=(), attention_mask=None,
-             cache=None) -> GenerateOutput:
-    """LLaDA's semi-autoregressive unmasking (arXiv:2502.09992, Appendix B).
+             cache=None, block_causal=None, steps_per_block=None, editing_threshold=None,
+             max_post_steps=16) -> GenerateOutput:
+    """LLaDA's semi-autoregressive unmasking (arXiv:2502.09992, Appendix B), or block diffusion.
 
     ``steps`` is the total over blocks (``steps // num_blocks`` per block, LLaDA's schedule); with
     ``threshold`` (Fast-dLLM, arXiv:2505.22618) it is ignored: each step unmasks every masked
@@ -288,9 +298,28 @@ def generate(model, prompt_ids, gen_length, steps, block_length, temperature=0.0
     ``eos_id``). ``attention_mask`` (B, P) marks real prompt tokens of left-padded prompts; the
     model then gets ``attention_mask=`` over the whole sequence. ``generator`` (on the device of
     ``prompt_ids``) drives Gumbel noise and random remasking. See the module docstring for
-    ``cache``.
+    ``cache`` (None = automatic: the exact block cache for block-causal models, none otherwise;
+    "prefix"; "none").
+
+    Block-causal models (``block_causal``, default: the model's ``is_block_causal``) decode with
+    rlgen/samplers/block.py: blocks aligned to position 0 as LLaDA2 trains them, ``steps_per_block``
+    steps each (default: ``steps`` at the same steps-per-token density, ``block_length`` if None),
+    LLaDA2's threshold rule (commit everything above ``threshold`` if that meets the step's quota),
+    optional LLaDA2.1 token editing (``editing_threshold``, ``max_post_steps``).
     """
     mask_id = _resolve_mask_id(model, mask_id)
+    if block_causal is None:
+        block_causal = bool(getattr(model, "is_block_causal", False))
+    if block_causal:
+        from rlgen.samplers.block import generate_block_causal
+
+        return generate_block_causal(model, prompt_ids, gen_length, steps, block_length, temperature, remasking,
+                                      threshold, cfg_scale, mask_id, generator, eos_id, pad_id, forbidden_ids,
+                                      attention_mask, cache, steps_per_block, editing_threshold, max_post_steps)
+    if editing_threshold is not None or steps_per_block is not None:
+        raise ValueError("editing_threshold and steps_per_block apply to block-causal decoding only "
+                         "(block_causal=True, or a block-causal policy)")
+    cache = None if cache == "none" else cache
     _validate(prompt_ids, gen_length, steps, block_length, temperature, remasking, threshold,
               cfg_scale, attention_mask, cache, model)
     B, P = prompt_ids.shape
