@@ -96,7 +96,8 @@ class DiffusersFlowPolicy(nn.Module):
         pipe_cls = getattr(diffusers, adapter_cls.pipeline_class)
         kw = {"torch_dtype": dtype} if dtype is not None else {}
         try:
-            with quiet_hf_progress(), _quiet_diffusers():
+            with quiet_hf_progress(), _quiet_diffusers(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # 0.42 renames torch_dtype; older ones lack dtype
                 pipe = pipe_cls.from_pretrained(str(path), local_files_only=True, **kw)
         except Exception as e:  # diffusers/transformers raise many types for a broken folder
             raise ModelLoadError(f"{path}: cannot load {adapter_cls.pipeline_class}: {type(e).__name__}: {e}") from e

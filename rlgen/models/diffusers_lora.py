@@ -17,6 +17,7 @@ A checkpoint folder never copies the frozen base (a T5-XXL alone is ~10 GB); it 
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -103,7 +104,8 @@ def load_checkpoint(cls, path: Path, device="cpu", dtype: torch.dtype | None = N
         if not sub.is_dir():
             raise ModelLoadError(f"{path}: weights 'full' but no transformer/ folder")
         kw = {"torch_dtype": dtype} if dtype is not None else {}
-        with quiet_hf_progress():
+        with quiet_hf_progress(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch_dtype → dtype in diffusers 0.42
             transformer = type(policy.transformer).from_pretrained(str(sub), **kw)
         policy.transformer = policy.pipeline.transformer = transformer
     elif weights == "lora":

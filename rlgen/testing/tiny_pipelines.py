@@ -79,7 +79,7 @@ def write_clip_tokenizer(out_dir: str | Path) -> Path:
 def _corpus(n_sentences: int = 3000, seed: int = 0) -> list[str]:
     """English-like sentences from the most frequent whole words of CLIP's BPE vocabulary."""
     words = [m.split()[1][:-4] for m in _open_clip_bpe()[:20000] if m.split()[1].endswith("</w>")]
-    words = [w for w in dict.fromkeys(words) if w.isalpha() and len(w) > 1][:2000]
+    words = [w for w in dict.fromkeys(words) if w.isascii() and w.isalpha() and len(w) > 1][:2000]
     rng = random.Random(seed)
     return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(n_sentences)]
 
@@ -98,6 +98,11 @@ def write_t5_tokenizer(out_dir: str | Path, vocab_size: int = T5_VOCAB, seed: in
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
                                       unk_token="<unk>", show_progress=False)
     tok.train_from_iterator(_corpus(seed=seed), trainer=trainer)
+    # The trainer's scores differ slightly from run to run (float sums, hash order of rare characters):
+    # round them to 0.01 and fix the order (specials, then score, then piece) so a seed gives one file.
+    pieces = json.loads(tok.to_str())["model"]["vocab"]
+    specials, rest = pieces[:3], sorted(((p, round(s, 2)) for p, s in pieces[3:]), key=lambda ps: (-ps[1], ps[0]))
+    tok.model = models.Unigram([(p, s) for p, s in specials] + rest, unk_id=2)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", tok.token_to_id("</s>"))])
     fast = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
