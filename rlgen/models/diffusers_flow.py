@@ -180,6 +180,8 @@ class DiffusersFlowPolicy(nn.Module):
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         self.cache_hits += len(prompts) - len(missing)
         self.cache_misses += len(missing)
+        if missing and self.adapter.uses_cfg and "" not in self._cache and "" not in missing:
+            missing.append("")  # CFG's unconditional prompt rides along: one encoder pass, not two
         if missing:
             self._check_lengths(missing)
             with _quiet_diffusers():
@@ -201,10 +203,10 @@ class DiffusersFlowPolicy(nn.Module):
         if _TRUNCATION_WARNED:
             return
         for name, tok, limit in self.adapter.token_limits():
-            for p in prompts:
-                if len(tok(p, truncation=False).input_ids) > limit:
-                    _warn_truncation(name, limit, p)
-                    return
+            lengths = [len(ids) for ids in tok(prompts, truncation=False).input_ids]  # one batched call
+            if max(lengths) > limit:
+                _warn_truncation(name, limit, prompts[lengths.index(max(lengths))])
+                return
 
     def _embeds(self, prompts_or_embeds) -> PromptEmbeds:
         if isinstance(prompts_or_embeds, PromptEmbeds):
