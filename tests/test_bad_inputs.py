@@ -219,7 +219,8 @@ def checkpoint_meta_missing(tmp):
 
     d = arith_copy(tmp, "nometa")
     (d / "rlgen_model.json").unlink()
-    return lambda: load_model(d), ModelLoadError, rf"{d} is neither a checkpoint folder .*rlgen_model\.json"
+    (d / "config.json").unlink()  # with config.json left it is a plain Hugging Face model folder, which loads
+    return lambda: load_model(d), ModelLoadError, rf"{d}: not a model folder; expected .*rlgen_model\.json"
 
 
 @case
