@@ -93,13 +93,13 @@ def _import_ref(ref: str, kind: str) -> Any:
 
 # Built-in modules register themselves on import; listed here so a lookup finds them lazily.
 MODELS = Registry("model", ("rlgen.models.flow", "rlgen.models.masked_lm", "rlgen.models.classifier",
-                            "rlgen.models.diffusion_gemma"))
+                            "rlgen.models.diffusion_gemma", "rlgen.models.diffusers_flow"))
 DATASETS = Registry("dataset", ("rlgen.data.shapes", "rlgen.data.fashion_mnist", "rlgen.data.digits",
                                 "rlgen.data.text_tasks"))
 REWARDS = Registry("reward", ("rewards.shapes_verifier", "rewards.text_verifiers", "rewards.math_answer",
                               "rewards.code_tests", "rewards.clip_score",
                               "rewards.aesthetic", "rewards.fashion_classifier", "rewards.llm_judge", "rewards.examples",
-                              "rewards.remote"))
+                              "rewards.remote", "rewards.pickscore", "rewards.hpsv2", "rewards.ocr"))
 ALGORITHMS = Registry("algorithm", ("rlgen.algos.flow_grpo", "rlgen.algos.diffusion_dpo", "rlgen.algos.vrpo",
                                     "rlgen.algos.mdm_grpo", "rlgen.algos.opd", "rlgen.algos.reinforce"))
 BENCHMARKS = Registry("benchmark", ("rlgen.eval.shapes", "rlgen.eval.fashion_mnist", "rlgen.eval.text"))

@@ -24,3 +24,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory):
+    """Tiny random-weight SD3 and FLUX pipeline folders (real layouts and tokenizers), built once per
+    session (~10 s): {"sd3": Path, "flux": Path}. Never committed: scripts/make_tiny_pipelines.py writes them."""
+    import torch
+
+    from rlgen.testing.tiny_pipelines import build_all
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_all(tmp_path_factory.mktemp("tiny_pipelines"))
+    finally:
+        torch.set_num_threads(before)

@@ -121,8 +121,15 @@ class Family:
         return out
 
     def save(self, policy, path: Path, lora: LoraSpec) -> None:
-        """A folder ``rlgen.models.load_model`` loads on its own (the adapter merged in)."""
-        (self.merged_copy(policy) if lora.enabled else policy).save_pretrained(path)
+        """A folder ``rlgen.models.load_model`` loads on its own: the policy's own adapter format
+        (adapter + a pointer to its base) where it has one, else the adapter merged in."""
+        if lora.enabled and not self.saves_adapter(policy):
+            policy = self.merged_copy(policy)
+        policy.save_pretrained(path)
+
+    def saves_adapter(self, policy) -> bool:
+        """Whether ``policy.save_pretrained`` writes an adapter that loads onto its base by itself."""
+        return False
 
     # -- training --------------------------------------------------------------------------------
     def enable_gradient_checkpointing(self, policy) -> None:

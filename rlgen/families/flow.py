@@ -104,6 +104,18 @@ class FlowFamily(Family):
     modality = "image"
     rollout_config = ImageRolloutConfig
 
+    def add_lora(self, policy, lora) -> None:
+        if not hasattr(policy, "add_lora"):  # rlgen's pixel models: peft on the backbone
+            return super().add_lora(policy, lora)
+        # a diffusers pipeline: its adapter in the format `pipe.load_lora_weights` reads
+        policy.add_lora(lora.rank, lora.alpha or lora.rank, list(lora.targets) or None)
+        policy.requires_grad_(False)
+        for name, p in policy.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+    def saves_adapter(self, policy) -> bool:
+        return hasattr(policy, "add_lora")  # pipelines save the adapter and a pointer to their base
+
     def train_module(self, policy) -> nn.Module:
         return PolicyVelocity(policy)
 

@@ -91,6 +91,17 @@ class MaskedLMFamily(Family):
     modality = "text"
     rollout_config = TextRolloutConfig
 
+    def add_lora(self, policy, lora) -> None:
+        """peft on the transformers model, with per-architecture default targets (rlgen/models/lora.py)."""
+        from rlgen.models.hf_lm import LoraOptions
+        from rlgen.models.lora import add_lora
+
+        add_lora(policy, LoraOptions(r=lora.rank, alpha=lora.alpha or lora.rank, dropout=lora.dropout,
+                                     target_modules=list(lora.targets) or None))
+
+    def saves_adapter(self, policy) -> bool:
+        return getattr(policy, "lora_base", None) is not None  # adapter + a pointer to the base it loads onto
+
     def rollout(self, policy, items: list[dict], group_ids, cfg: TextRolloutConfig, generator, version: int = 0):
         return rollout_text(policy, items, group_ids, cfg, generator, version)
 

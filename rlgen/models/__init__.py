@@ -66,7 +66,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype=None, trust_remote_c
     if not (p.exists() and ((p / MODEL_META).is_file() or (p / "checkpoints").is_dir())):
         return _load_foreign(path, device, given)
     try:
-        ckpt = resolve_checkpoint(path)
+        ckpt = resolve_checkpoint(src.path)
     except CheckpointError as e:  # a missing or empty folder is a model that cannot load
         raise ModelLoadError(str(e)) from e
     meta = read_model_meta(ckpt)
@@ -94,9 +94,11 @@ def _load_foreign(spec, device: str, options: dict):
     folder, source = resolve_model_path(spec)
     if (folder / MODEL_META).is_file():  # a Hub repo or cache entry that is an rlgen checkpoint
         return load_model(folder, device=device, **options)
-    if (folder / "model_index.json").is_file():
-        raise ModelLoadError(f"{folder}: a diffusers pipeline folder (model_index.json); this build loads "
-                             f"masked-diffusion LMs from Hugging Face folders only")
+    if (folder / "model_index.json").is_file():  # a diffusers pipeline: the flow family in latent space
+        from rlgen.models.diffusers_flow import DiffusersFlowPolicy
+
+        opts = {k: v for k, v in options.items() if k != "trust_remote_code"}
+        return DiffusersFlowPolicy.from_pipeline_dir(folder, device=device, base=source, **opts)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder}: neither an rlgen checkpoint ({MODEL_META}) nor a Hugging Face model "
                              f"folder (config.json)")
