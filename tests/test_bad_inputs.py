@@ -220,7 +220,7 @@ def checkpoint_meta_missing(tmp):
     d = arith_copy(tmp, "nometa")
     (d / "rlgen_model.json").unlink()  # without config.json either, it is no Hugging Face folder
     (d / "config.json").unlink()
-    return lambda: load_model(d), ModelLoadError, rf"{d}: neither an rlgen checkpoint \(rlgen_model\.json\) nor a Hugging Face model folder"
+    return lambda: load_model(d), ModelLoadError, rf"{d}: neither an rlgen checkpoint \(rlgen_model\.json\), a diffusers pipeline folder"
 
 
 @case

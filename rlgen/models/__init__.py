@@ -66,7 +66,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype=None, trust_remote_c
     if not (p.exists() and ((p / MODEL_META).is_file() or (p / "checkpoints").is_dir())):
         return _load_foreign(path, device, given)
     try:
-        ckpt = resolve_checkpoint(src.path)
+        ckpt = resolve_checkpoint(path)
     except CheckpointError as e:  # a missing or empty folder is a model that cannot load
         raise ModelLoadError(str(e)) from e
     meta = read_model_meta(ckpt)
@@ -100,8 +100,8 @@ def _load_foreign(spec, device: str, options: dict):
         opts = {k: v for k, v in options.items() if k != "trust_remote_code"}
         return DiffusersFlowPolicy.from_pipeline_dir(folder, device=device, base=source, **opts)
     if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"{folder}: neither an rlgen checkpoint ({MODEL_META}) nor a Hugging Face model "
-                             f"folder (config.json)")
+        raise ModelLoadError(f"{folder}: neither an rlgen checkpoint ({MODEL_META}), a diffusers pipeline folder "
+                             f"(model_index.json) nor a Hugging Face model folder (config.json)")
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") == "diffusion_gemma":
         from rlgen.models.diffusion_gemma import DiffusionGemmaLM

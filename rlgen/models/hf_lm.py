@@ -163,12 +163,12 @@ def resolve_model_path(spec: str | Path) -> tuple[Path, str]:
     except Exception:  # LocalEntryNotFoundError and friends: not in the cache
         pass
     if _offline():
-        raise ModelLoadError(f"{text}: no such folder, and Hub id {text!r} is not in the local Hugging Face cache "
+        raise ModelLoadError(f"{text}: no such folder, and Hub id {text!r} is not in the local cache (Hugging Face) "
                              f"(offline); download it first (hf download {text}) or give a folder")
     try:  # safetensors and text files only: pickled weights are never fetched (or loaded)
         return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS)), text
     except Exception as e:
-        raise ModelLoadError(f"{text}: no such folder, and Hub id {text!r} is not in the local Hugging Face cache "
+        raise ModelLoadError(f"{text}: no such folder, and Hub id {text!r} is not in the local cache (Hugging Face) "
                              f"and could not be downloaded ({type(e).__name__})") from None
 
 

@@ -116,7 +116,7 @@ def test_hub_id_offline_and_from_the_local_cache(folders, tmp_path, monkeypatch)
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(ModelLoadError, match=r"Hub id 'acme/llada-tiny' is not in the local Hugging Face cache"):
+    with pytest.raises(ModelLoadError, match=r"Hub id 'acme/llada-tiny' is not in the local cache \(Hugging Face\)"):
         load_model("acme/llada-tiny", trust_remote_code=True)
     repo = tmp_path / "hub" / "models--acme--llada-tiny"  # the cache layout huggingface_hub writes
     commit = "0123456789abcdef0123456789abcdef01234567"
