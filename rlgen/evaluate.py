@@ -1,7 +1,7 @@
 """Benchmarks on a checkpoint.
 
     python -m rlgen.evaluate --checkpoint DIR --benchmark NAME [--prompts FILE | --problems FILE]
-        [--samples-per-prompt K] [--seed S] [--out FILE.json] [--set key=value ...]
+        [--samples-per-prompt K] [--seed S] [--out FILE.json] [--set key=value ...] [--trust-remote-code]
 
 DIR may be a checkpoint folder or a run folder (then its latest complete checkpoint). Benchmarks are
 registered functions ``fn(req: EvalRequest) -> dict``; the dict holds at least ``accuracy`` (overall,
@@ -37,6 +37,7 @@ class EvalRequest:
     progress: bool = True
     options: dict[str, Any] = field(default_factory=dict)  # benchmark-specific: steps, cfg, threshold …
     grid: Path | None = None             # where image benchmarks write a PNG grid of their samples
+    trust_remote_code: bool = False      # let a model folder's own Python files run (--trust-remote-code)
 
 
 def run_benchmark(name: str, req: EvalRequest) -> dict:
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="benchmark option, e.g. --set steps=20 --set cfg=4.0 (repeatable)")
     ap.add_argument("--out", type=Path, help="write the result JSON here")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="allow a model folder's own Python files (config.json auto_map) to run; only for folders "
+                         "you trust (never read from the folder itself)")
     args = ap.parse_args(argv)
     for flag, p in (("--prompts", args.prompts), ("--problems", args.problems)):
         if p is not None and not p.is_file():
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                           samples_per_prompt=args.samples_per_prompt, seed=args.seed, device=args.device,
                           batch_size=args.batch_size, progress=not args.no_progress,
                           options=_parse_options(args.options),
-                          grid=args.out.with_suffix(".png") if args.out else None)
+                          grid=args.out.with_suffix(".png") if args.out else None,
+                          trust_remote_code=args.trust_remote_code)
         result = run_benchmark(args.benchmark, req)
     except (CheckpointError, ModelLoadError, RegistryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -236,3 +236,52 @@ def test_countdown_worst_case_is_fast():
         value, _ = evaluate_countdown(worst)
     assert value == 999999 ** 9
     assert time.perf_counter() - t0 < 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# trust_remote_code: only from the caller, never from the model folder
+# ----------------------------------------------------------------------------------------------
+def _remote_code_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the arith base whose config.json maps its classes to a Python file of the folder
+    (auto_map) that writes a marker when imported, and whose rlgen_model.json asks for remote code."""
+    d, marker = tmp_path / "downloaded", tmp_path / "PWNED"
+    shutil.copytree(ARITH, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil_model.EvilConfig", "AutoModelForMaskedLM": "evil_model.EvilModel"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "evil_model.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('remote code ran')\n"
+                                     "raise RuntimeError('the payload ran')\n")
+    meta = json.loads((d / "rlgen_model.json").read_text())
+    (d / "rlgen_model.json").write_text(json.dumps({**meta, "trust_remote_code": True}))
+    return d, marker
+
+
+def test_masked_lm_ignores_trust_remote_code_in_the_folder(tmp_path):
+    from rlgen.models.masked_lm import MaskedDiffusionLM
+
+    d, marker = _remote_code_folder(tmp_path)
+    # the folder says trust_remote_code: true; the caller did not, so transformers builds its own
+    # BertForMaskedLM (config.json's model_type) and never imports evil_model.py
+    model = MaskedDiffusionLM.from_pretrained(d)
+    assert type(model.net).__name__ == "BertForMaskedLM" and not model.trust_remote_code
+    assert not marker.exists()
+
+
+def test_evaluate_refuses_remote_code_without_the_flag(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from rlgen.evaluate import main
+
+    d, marker = _remote_code_folder(tmp_path)
+    assert main(["--checkpoint", str(d), "--benchmark", "arith", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {d / 'config.json'}: ") and "--trust-remote-code" in err[0] \
+        and "evil_model.py" in err[0], err
+    assert not marker.exists()
+    # the same folder with the flag does run its code: the payload is live, so the refusal above is real
+    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    proc = subprocess.run([sys.executable, "-m", "rlgen.evaluate", "--checkpoint", str(d), "--benchmark", "arith",
+                           "--no-progress", "--trust-remote-code"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and marker.read_text() == "remote code ran", proc.stderr[-2000:]

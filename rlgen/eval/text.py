@@ -145,7 +145,8 @@ def _benchmark(task: str):
                              f"known: {sorted(DECODE_DEFAULTS) + sorted(SET_DEFAULTS)}")
         problems = benchmark_problems(task, req.problems, req.options)  # a bad file fails before the model loads
         device = resolve_device(req.device)
-        model = load_model(req.checkpoint, device=str(device)).eval()
+        model = load_model(req.checkpoint, device=str(device),
+                           trust_remote_code=getattr(req, "trust_remote_code", False)).eval()
         if not hasattr(model, "mask_id"):
             raise ValueError(f"{req.checkpoint}: holds a {type(model).__name__}, not a masked-diffusion text model; "
                              f"the {task} benchmark needs one")

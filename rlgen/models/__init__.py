@@ -42,8 +42,28 @@ def read_model_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_model(path: str | Path, device: str = "cpu"):
-    """Load any rlgen model from a checkpoint folder or a run folder (→ latest checkpoint)."""
+def refuse_remote_code(folder: Path) -> None:
+    """Raise if the folder's Hugging Face config asks to run Python files shipped in it (``auto_map``):
+    only the caller may allow that (``trust_remote_code``), never the folder itself."""
+    for name in ("config.json", "tokenizer_config.json"):
+        f = Path(folder) / name
+        try:
+            auto_map = json.loads(f.read_text()).get("auto_map") if f.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable: the loader names the file
+        if auto_map:
+            refs = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+            flat = [r for v in refs for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+            code = sorted({r.split("--")[-1].split(".")[0] + ".py" for r in flat})
+            raise ModelLoadError(f"{f}: the model needs the Python code shipped in its folder "
+                                 f"({', '.join(code[:3]) or 'auto_map'}); rlgen runs none unless told to: pass "
+                                 f"--trust-remote-code (python -m rlgen.evaluate) only for a folder you trust")
+
+
+def load_model(path: str | Path, device: str = "cpu", trust_remote_code: bool = False):
+    """Load any rlgen model from a checkpoint folder or a run folder (→ latest checkpoint).
+    ``trust_remote_code``: let transformers import Python files from the folder (the caller's
+    decision; a folder that needs them is refused otherwise)."""
     from rlgen.registry import MODELS
     from rlgen.runtime.rundir import CheckpointError, resolve_checkpoint
 
@@ -56,8 +76,11 @@ def load_model(path: str | Path, device: str = "cpu"):
         cls = MODELS.get(meta["model_type"])
     except Exception as e:  # RegistryError, or an import error of a 'module:attr' model type
         raise ModelLoadError(f"{ckpt / MODEL_META}: model_type {meta['model_type']!r}: {e}") from e
+    if not trust_remote_code:
+        refuse_remote_code(ckpt)
+    kw = {"trust_remote_code": True} if trust_remote_code else {}
     try:
-        return cls.from_pretrained(ckpt, device=device)
+        return cls.from_pretrained(ckpt, device=device, **kw)
     except ModelLoadError:
         raise
     except Exception as e:  # safetensors, transformers and diffusers raise many types for a bad file

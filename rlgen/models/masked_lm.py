@@ -91,12 +91,14 @@ class MaskedDiffusionLM(nn.Module):
         return model.to(device).eval()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "MaskedDiffusionLM":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        trust_remote_code: bool = False) -> "MaskedDiffusionLM":
+        """``trust_remote_code`` comes from the caller (config or command line), never from the
+        folder: its rlgen_model.json may say anything."""
         meta = read_model_meta(path)
         if meta["model_type"] != "masked_lm":
             raise ModelLoadError(f"{path}/{MODEL_META}: model_type is {meta['model_type']!r}, not 'masked_lm'")
-        model = cls.from_hf(path, mask_id=meta["mask_id"], device=device,
-                            trust_remote_code=bool(meta.get("trust_remote_code", False)))
+        model = cls.from_hf(path, mask_id=meta["mask_id"], device=device, trust_remote_code=trust_remote_code)
         model.pad_id, model.eos_id = meta.get("pad_id", model.pad_id), meta.get("eos_id", model.eos_id)
         return model
 

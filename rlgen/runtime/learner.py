@@ -80,6 +80,9 @@ class DeepSpeedStrategy:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         if self.cuda:
             torch.cuda.set_device(0)
+        from rlgen.runtime.rendezvous import init_process_group  # loopback store + gloo when master is local
+
+        init_process_group(master_addr, master_port, self.rank, self.world_size, "nccl" if self.cuda else "gloo")
         deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", auto_mpi_discovery=False)
 
     @property
@@ -142,7 +145,9 @@ class DeepSpeedStrategy:
         engine.save_checkpoint(str(path / DS_SUBDIR), tag=DS_TAG, client_state=client_state)
 
     def load(self, engine, path: Path) -> dict:
-        load_path, client_state = engine.load_checkpoint(str(path / DS_SUBDIR), tag=DS_TAG)
+        from rlgen.runtime.safe_load import load_checkpoint  # torch.load(weights_only=True), DeepSpeed's types only
+
+        load_path, client_state = load_checkpoint(engine, path / DS_SUBDIR, DS_TAG)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint '{DS_TAG}' under {path / DS_SUBDIR}")
         return client_state or {}
