@@ -208,6 +208,69 @@ def test_remote_reward_refuses_plain_http_off_the_machine(url, ok, monkeypatch):
             resolve_reward("remote", url=url)
 
 
+class _Redirector(http.server.BaseHTTPRequestHandler):
+    """Answers every POST with a redirect to ``target`` (another origin, plain http)."""
+
+    target, code = "", 302
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(self.code)
+        self.send_header("Location", self.target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """The redirect's target: records the Authorization header of every request it gets."""
+
+    seen: list = []
+
+    def _record(self):
+        _Recorder.seen.append(self.headers.get("Authorization"))
+        reply = json.dumps({"scores": [0.5]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    do_GET = do_POST = _record
+
+    def log_message(self, *args):
+        pass
+
+
+def _serve(handler):
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_remote_reward_never_follows_a_redirect_with_its_token(code, monkeypatch):
+    from rewards.base import RewardError, RewardMixer
+
+    recorder = _serve(_Recorder)
+    _Recorder.seen = []
+    # another origin (other port, and "localhost" rather than 127.0.0.1), plain http
+    _Redirector.target, _Redirector.code = f"http://localhost:{recorder.server_address[1]}/steal", code
+    redirector = _serve(_Redirector)
+    try:
+        monkeypatch.setenv("RLGEN_REWARD_TOKEN", "s3cret")
+        url = f"http://127.0.0.1:{redirector.server_address[1]}/score"
+        mixer = RewardMixer({"rewards": {"remote": 1.0}, "reward_kwargs": {"remote": {"url": url}}})
+        with pytest.raises(RewardError, match=rf"HTTP {code} .*redirect to http://localhost:\d+/steal refused"):
+            mixer(["12"], ["1+11="])
+        assert _Recorder.seen == []  # the target was never contacted, so no token reached it
+    finally:
+        for server in (redirector, recorder):
+            server.shutdown()
+            server.server_close()
+
+
 # ----------------------------------------------------------------------------------------------
 # verifiers that evaluate model output are bounded
 # ----------------------------------------------------------------------------------------------
