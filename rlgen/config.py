@@ -91,6 +91,13 @@ class RunConfig:
     progress: bool = True      # tqdm progress bars
     num_threads: int = 0       # torch intra-op threads; 0 = leave torch's default
 
+    def __post_init__(self):
+        # a name is one folder inside run.root: "../x", "a/b" or "/abs" would write elsewhere
+        n = self.name
+        if not n or n in (".", "..") or "/" in n or "\\" in n or any(ord(c) < 32 for c in n):
+            raise ValueError(f"run.name {n!r} must be a plain folder name (no '/', '\\', '..'); "
+                             f"use run.root to choose where run folders go")
+
     @property
     def dir(self) -> Path:
         return Path(self.root) / self.name
