@@ -80,7 +80,8 @@ def _start_watchdog(marker: str) -> subprocess.Popen:
         if w.poll() is not None:
             _watchdogs.remove(w)
     env = {k: v for k, v in os.environ.items() if k != MARKER}  # never kill itself
-    w = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), marker], stdin=subprocess.PIPE, env=env,
+    w = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), marker, str(os.getpid())],
+                         stdin=subprocess.PIPE, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     _watchdogs.append(w)  # keeps the pipe's write end open for the driver's lifetime
     return w
@@ -102,8 +103,9 @@ def _tell_session_dir(watchdog: subprocess.Popen) -> None:
 # ----------------------------------------------------------------------------------------------
 def _is_member(p, marker: str, session: str) -> bool:
     """Whether process ``p`` belongs to the cluster: its environment block holds the marker (read
-    raw: Ray's workers and agents overwrite the start of it with their process title) or it has a
-    file open in the cluster's session folder (every Ray process logs there)."""
+    raw: Ray's workers and agents overwrite the start of it with their process title) or it is a
+    Ray program (this Python, or one of Ray's binaries) with a file open in the cluster's session
+    folder (every Ray process logs there)."""
     try:
         with open(f"/proc/{p.pid}/environ", "rb") as f:
             if f"{MARKER}={marker}\0".encode() in f.read():
@@ -116,27 +118,30 @@ def _is_member(p, marker: str, session: str) -> bool:
             pass
     except OSError:  # another user's, or gone
         return False
-    if session:
+    if session:  # only Ray's own programs: a `tail -f` on its log is not part of the cluster
         try:
-            return any(f.path.startswith(session + os.sep) for f in p.open_files())
+            exe = p.exe()
+            ray_program = exe == os.path.realpath(sys.executable) or f"{os.sep}ray{os.sep}" in exe
+            return ray_program and any(f.path.startswith(session + os.sep) for f in p.open_files())
         except Exception:
             return False
     return False
 
 
-def cluster_processes(marker: str, session: str = "") -> list:
-    """This user's processes of the local cluster marked ``marker`` (session folder ``session``)."""
+def cluster_processes(marker: str, session: str = "", spare: tuple[int, ...] = ()) -> list:
+    """This user's processes of the local cluster marked ``marker`` (session folder ``session``),
+    except this one and the pids in ``spare`` (the driver, which keeps its Ray log open)."""
     import psutil
 
-    me = os.getpid()
-    return [p for p in psutil.process_iter() if p.pid != me and _is_member(p, marker, session)]
+    skip = {os.getpid(), *spare}
+    return [p for p in psutil.process_iter() if p.pid not in skip and _is_member(p, marker, session)]
 
 
-def kill_cluster(marker: str, session: str = "") -> int:
-    """SIGKILL every process of that cluster; returns how many there were."""
+def kill_cluster(marker: str, session: str = "", spare: tuple[int, ...] = ()) -> int:
+    """SIGKILL every process of that cluster but ``spare``; returns how many there were."""
     import psutil
 
-    procs = cluster_processes(marker, session)
+    procs = cluster_processes(marker, session, spare)
     for p in procs:
         try:
             p.kill()
@@ -146,8 +151,9 @@ def kill_cluster(marker: str, session: str = "") -> int:
     return len(procs)
 
 
-def _watch(marker: str, poll_s: float = 1.0) -> None:
-    """Until the driver (stdin's writer) is gone, or the cluster's GCS was seen and is gone."""
+def _watch(marker: str, driver: int, poll_s: float = 1.0) -> None:
+    """Until the driver (stdin's writer) is gone, or the cluster's GCS was seen and is gone; then
+    kill what is left of the cluster (never the driver: after ray.shutdown() it lives on)."""
     import select
 
     import psutil
@@ -166,8 +172,8 @@ def _watch(marker: str, poll_s: float = 1.0) -> None:
                         and session in " ".join(p.info["cmdline"] or [])), None)
         elif gcs is not None and not gcs.is_running():
             break  # the cluster was shut down (ray.shutdown) or its GCS died
-    kill_cluster(marker, session)
+    kill_cluster(marker, session, spare=(driver,))
 
 
 if __name__ == "__main__":
-    _watch(sys.argv[1])
+    _watch(sys.argv[1], int(sys.argv[2]))

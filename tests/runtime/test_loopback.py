@@ -48,15 +48,23 @@ def run_processes(temp_dir: str, driver: int | None = None) -> list[psutil.Proce
     return [p for p in found.values() if _alive(p)]
 
 
+def title(p: psutil.Process) -> str:
+    """"ray::Actor" for Ray's renamed workers, else the program and the base names of its first arguments."""
+    cmd = p.cmdline()
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0].split()[0]
+    return " ".join([p.name(), *(os.path.basename(c) for c in cmd[1:4])])
+
+
 def listeners(procs: list[psutil.Process]) -> list[tuple[str, str, int]]:
     """(process title, bound address, port) of every listening TCP / unconnected UDP socket."""
     out = []
     for p in procs:
         try:
-            title = " ".join(p.cmdline())[:60] or p.name()
+            name = title(p)
             for c in p.net_connections(kind="inet"):
                 if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr):
-                    out.append((title, c.laddr.ip, c.laddr.port))
+                    out.append((name, c.laddr.ip, c.laddr.port))
         except psutil.Error:
             continue
     return out
@@ -236,7 +244,7 @@ def test_sigkilled_driver_leaves_no_ray_process():
         line = driver.stdout.readline()
         assert line.startswith("READY"), line
         procs = run_processes(temp, driver.pid)
-        titles = " | ".join(" ".join(p.cmdline())[:40] for p in procs)
+        titles = " | ".join(title(p) for p in procs)
         for needle in ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::Worker",
                        "local_cluster.py"):  # the run's processes, the watchdog included, are seen
             assert needle in titles, titles
