@@ -160,13 +160,13 @@ def test_embedded_default_ray_listens_only_on_loopback():
     temp = tempfile.mkdtemp(prefix="rlgen_lo_", dir="/tmp")
     assert init_ray(RayConfig(num_cpus=2, num_gpus=0, temp_dir=temp), 2)
     try:
-        assert ray.util.get_node_ip_address() == "127.0.0.1"
         actors = [ray.remote(num_cpus=0.5)(Idle).remote() for _ in range(2)]
         port = free_port()
         assert ray.get([a.__ray_call__.remote(_gloo_pair, r, port) for r, a in enumerate(actors)]) == [2.0, 2.0]
         found = listeners(run_processes(temp, os.getpid()))
         assert_all_loopback(found, must_include=["gcs_server", "raylet", "ray::DashboardAgent",
                                                  "ray::RuntimeEnvAgent", "ray::Idle", "dashboard.py"])
+        assert ray.util.get_node_ip_address() == "127.0.0.1"  # what actors use for rendezvous addresses
     finally:
         ray.shutdown()
 
