@@ -47,7 +47,10 @@ def safe_torch_load(path, map_location=None):
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        # torch's message is a page of advice; keep its one line naming what the file asked for
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        reason = reason.split(". Please use")[0]
         raise UnsafeCheckpointError(f"{path}: refusing to load a checkpoint file that holds Python objects "
                                     f"other than tensors and DeepSpeed's checkpoint types ({reason[:200]})") from None
 
