@@ -94,8 +94,11 @@ def _tell_session_dir(watchdog: subprocess.Popen) -> None:
     node = ray._private.worker._global_node
     session = node.get_session_dir_path() if node is not None else ""
     if session:
-        watchdog.stdin.write(os.path.abspath(session).encode() + b"\n")
-        watchdog.stdin.flush()
+        try:
+            watchdog.stdin.write(os.path.abspath(session).encode() + b"\n")
+            watchdog.stdin.flush()
+        except OSError:  # the watchdog could not start (it needs psutil): Ray runs on without it
+            pass
 
 
 # ----------------------------------------------------------------------------------------------
