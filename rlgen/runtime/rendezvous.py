@@ -16,8 +16,8 @@ build on their own (DeepSpeed's sub-groups, vLLM's); this module does not set th
 process, because one process may also join a group that spans nodes.
 
 "Local" means the caller chose a loopback master address, which it must do only when every rank
-runs on this node (``RayActorGroup`` does, for a group whose bundles are all on the driver's node;
-the embedded default's Ray cluster is entirely on 127.0.0.1). A routable master address keeps
+runs on one node (``RayActorGroup`` does when all its bundles are on one node; on the embedded
+default Ray's node address, which the weight-sync group uses, is 127.0.0.1). A routable master address keeps
 torch's defaults: other nodes must reach the store and the pairs, so on a cluster these ports are
 exposed to the network (docs/reliability.md says how to protect them).
 """
