@@ -10,8 +10,10 @@ Each call POSTs one JSON batch and expects ``{"scores": [float | null, ...]}`` b
 
 Safe by default: the bearer token comes from an environment variable (never from a config file that
 gets copied into run folders) and a missing or empty one is an error; plain ``http://`` is refused
-for any host but the loopback, so the token and samples only leave the machine over TLS. Scores
-are checked like every reward's (count, NaN) by ``rewards.base``.
+for any host but the loopback, so the token and samples only leave the machine over TLS. Redirects
+are not followed (urllib would resend the token to whatever the Location names, http included):
+a redirecting endpoint is an error naming where it pointed. Scores are checked like every
+reward's (count, NaN) by ``rewards.base``.
 """
 from __future__ import annotations
 
@@ -52,6 +54,17 @@ def check_endpoint(url: str) -> str:
     return url
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Every 3xx is an error: the Authorization header must never reach another origin or plain http."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, f"{msg}: redirect to {newurl} refused (the token is not "
+                                     f"forwarded; configure the final url)", headers, fp)
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
 def _encode_samples(samples) -> dict:
     if isinstance(samples, (torch.Tensor, np.ndarray)):
         x = torch.as_tensor(np.asarray(samples) if isinstance(samples, np.ndarray) else samples).detach().cpu()
@@ -79,7 +92,7 @@ class RemoteReward:
         req = urllib.request.Request(self.url, data=body, method="POST", headers={
             "Content-Type": "application/json", "Authorization": f"Bearer {self._token}"})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with _OPENER.open(req, timeout=self.timeout_s) as resp:
                 raw = resp.read(MAX_RESPONSE_BYTES + 1)
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"remote reward {self.url}: HTTP {e.code} {e.reason}") from None

@@ -124,9 +124,6 @@ def check_choice(obj, name: str, choices) -> None:
 # ----------------------------------------------------------------------------------------------
 # Common sub-configs shared by every job
 # ----------------------------------------------------------------------------------------------
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-
-
 @dataclass
 class RunConfig:
     name: str = "run"          # runs/<name>/ (a plain name: letters, digits, '_', '-', '.')
@@ -139,9 +136,11 @@ class RunConfig:
     num_threads: int = 0       # torch intra-op threads in the driver; 0 = leave torch's default
 
     def __post_init__(self):
-        if not _PLAIN_NAME.match(self.name or "") or self.name in (".", ".."):
-            raise FieldError("name", f"must be a plain folder name (letters, digits, '_', '-', '.'; no '/' or "
-                                     f"'..'), got {self.name!r}")
+        # a name is one folder inside run.root: "../x", "a/b" or "/abs" would write elsewhere
+        n = self.name
+        if not n or n in (".", "..") or "/" in n or "\\" in n or any(ord(c) < 32 for c in n):
+            raise FieldError("name", f"must be a plain folder name (no '/', '\\', '..'), got {n!r}; "
+                                     f"run.root chooses where run folders go")
         check_range(self, "num_threads", lo=0)
 
     @property

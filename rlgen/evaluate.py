@@ -1,7 +1,7 @@
 """Benchmarks on a checkpoint.
 
     python -m rlgen.evaluate --checkpoint DIR --benchmark NAME [--prompts FILE | --problems FILE]
-        [--samples-per-prompt K] [--seed S] [--out FILE.json] [--set key=value ...]
+        [--samples-per-prompt K] [--seed S] [--out FILE.json] [--set key=value ...] [--trust-remote-code]
 
 DIR may be a checkpoint folder or a run folder (then its latest complete checkpoint), a diffusers
 pipeline folder or a Hugging Face model folder. Benchmarks are registered functions
@@ -99,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                     help="benchmark option, e.g. --set steps=20 --set cfg=4.0 (repeatable)")
     ap.add_argument("--out", type=Path, help="write the result JSON here")
-    ap.add_argument("--trust-remote-code", action="store_true",
-                    help="allow a Hugging Face model folder's own Python code to run (never implied by the folder)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="allow a model folder's own Python files (config.json auto_map) to run; only for folders "
+                         "you trust (never read from the folder itself)")
     args = ap.parse_args(argv)
     for flag, p in (("--prompts", args.prompts), ("--problems", args.problems)):
         if p is not None and not p.is_file():

@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+# (no RAY_AUTH_MODE here: the embedded default's local cluster, loopback only, switches Ray's token
+# off itself; with ray.address=… the cluster's own authentication applies)
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 python train_rl.py --config configs/quickstart.yaml "$@"

@@ -4,6 +4,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Every Ray cluster the tests start is local and bound to 127.0.0.1 (some call ray.init directly, not
+# rlgen's init_ray, which sets this itself for a local cluster); never a cluster reachable from outside.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -95,3 +95,22 @@ def test_yes_no_stay_strings_true_false_are_booleans(tmp_path):
     p = write(tmp_path, "kind: toy_job\nrun:\n  resume: no\nuse_ema: false\n")
     cfg = load_config(p, ["note=off"])
     assert cfg.run.resume == "no" and cfg.use_ema is False and cfg.note == "off"
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "/tmp/x", "..", ".", "", "a\\b"])
+def test_run_name_must_be_a_plain_folder_name(tmp_path, name):
+    p = write(tmp_path, "kind: toy_job\nrun: {root: " + str(tmp_path / "runs") + "}\n")
+    with pytest.raises(ConfigError, match=rf"^override 'run.name=.*': key 'run.name' must be a plain folder name"):
+        load_config(p, [f"run.name={name}"])
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists()
+
+
+def test_run_name_with_control_characters_is_refused():
+    with pytest.raises(ValueError, match="name: must be a plain folder name .*'x\\\\ny'"):
+        RunConfig(name="x\ny")
+
+
+def test_plain_run_names_are_accepted(tmp_path):
+    p = write(tmp_path, "kind: toy_job\n")
+    for name in ("quickstart", "my-run_2.v3", "run 1"):
+        assert load_config(p, [f"run.name={name}"]).run.dir.name == name

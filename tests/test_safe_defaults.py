@@ -1,5 +1,7 @@
-"""Safe defaults (issue #8, item 4): weights never unpickled, listeners on 127.0.0.1, a remote
-reward needs a token and TLS off the machine, the countdown verifier is bounded in size and time."""
+"""Safe defaults (issues #8 and #20): weights never unpickled, no model code unless the caller allows
+it, a remote reward needs a token and TLS off the machine and never follows a redirect, the
+countdown verifier is bounded in size and time. Listeners: tests/runtime/test_loopback.py; DeepSpeed
+checkpoints: tests/runtime/test_safe_load.py."""
 from __future__ import annotations
 
 import ast
@@ -95,25 +97,21 @@ def test_masked_diffusion_trainer_state_loads_weights_only(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # listeners bind 127.0.0.1
 # ----------------------------------------------------------------------------------------------
-def test_local_ray_cluster_binds_loopback(monkeypatch):
+# What the embedded default's processes actually listen on is checked by listing their sockets:
+# tests/runtime/test_loopback.py. Here only: an attached cluster keeps Ray's own authentication.
+def test_attached_cluster_keeps_ray_authentication(monkeypatch):
     import ray
 
     from rlgen.runtime.cluster import RayConfig, init_ray
 
     seen = {}
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
-    for dashboard in (False, True):
-        init_ray(RayConfig(num_cpus=1, num_gpus=0, dashboard=dashboard, temp_dir="/tmp/unused"), 1)
-        assert seen["_node_ip_address"] == "127.0.0.1" and seen["dashboard_host"] == "127.0.0.1"
-        assert seen["include_dashboard"] is dashboard
+    assert init_ray(RayConfig(address="10.1.2.3:6379"), 1)
+    assert "RAY_AUTH_MODE" not in __import__("os").environ  # not switched off for the cluster's processes
+    assert "RAY_AUTH_MODE" not in seen["runtime_env"]["env_vars"] and "_node_ip_address" not in seen
     assert RayConfig().dashboard is False
-
-
-def test_rendezvous_port_probe_binds_loopback():
-    from rlgen.runtime.actor_group import free_port
-
-    assert 0 < free_port() < 65536  # binds 127.0.0.1 (its default host) and releases it
 
 
 def test_vllm_engine_starts_no_server():
@@ -208,6 +206,69 @@ def test_remote_reward_refuses_plain_http_off_the_machine(url, ok, monkeypatch):
             resolve_reward("remote", url=url)
 
 
+class _Redirector(http.server.BaseHTTPRequestHandler):
+    """Answers every POST with a redirect to ``target`` (another origin, plain http)."""
+
+    target, code = "", 302
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(self.code)
+        self.send_header("Location", self.target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """The redirect's target: records the Authorization header of every request it gets."""
+
+    seen: list = []
+
+    def _record(self):
+        _Recorder.seen.append(self.headers.get("Authorization"))
+        reply = json.dumps({"scores": [0.5]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    do_GET = do_POST = _record
+
+    def log_message(self, *args):
+        pass
+
+
+def _serve(handler):
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_remote_reward_never_follows_a_redirect_with_its_token(code, monkeypatch):
+    from rewards.base import RewardError, RewardMixer
+
+    recorder = _serve(_Recorder)
+    _Recorder.seen = []
+    # another origin (other port, and "localhost" rather than 127.0.0.1), plain http
+    _Redirector.target, _Redirector.code = f"http://localhost:{recorder.server_address[1]}/steal", code
+    redirector = _serve(_Redirector)
+    try:
+        monkeypatch.setenv("RLGEN_REWARD_TOKEN", "s3cret")
+        url = f"http://127.0.0.1:{redirector.server_address[1]}/score"
+        mixer = RewardMixer({"rewards": {"remote": 1.0}, "reward_kwargs": {"remote": {"url": url}}})
+        with pytest.raises(RewardError, match=rf"HTTP {code} .*redirect to http://localhost:\d+/steal refused"):
+            mixer(["12"], ["1+11="])
+        assert _Recorder.seen == []  # the target was never contacted, so no token reached it
+    finally:
+        for server in (redirector, recorder):
+            server.shutdown()
+            server.server_close()
+
+
 # ----------------------------------------------------------------------------------------------
 # verifiers that evaluate model output are bounded
 # ----------------------------------------------------------------------------------------------
@@ -236,3 +297,52 @@ def test_countdown_worst_case_is_fast():
         value, _ = evaluate_countdown(worst)
     assert value == 999999 ** 9
     assert time.perf_counter() - t0 < 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# trust_remote_code: only from the caller, never from the model folder
+# ----------------------------------------------------------------------------------------------
+def _remote_code_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the arith base whose config.json maps its classes to a Python file of the folder
+    (auto_map) that writes a marker when imported, and whose rlgen_model.json asks for remote code."""
+    d, marker = tmp_path / "downloaded", tmp_path / "PWNED"
+    shutil.copytree(ARITH, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil_model.EvilConfig", "AutoModelForMaskedLM": "evil_model.EvilModel"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "evil_model.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('remote code ran')\n"
+                                     "raise RuntimeError('the payload ran')\n")
+    meta = json.loads((d / "rlgen_model.json").read_text())
+    (d / "rlgen_model.json").write_text(json.dumps({**meta, "trust_remote_code": True}))
+    return d, marker
+
+
+def test_masked_lm_ignores_trust_remote_code_in_the_folder(tmp_path):
+    from rlgen.models.masked_lm import MaskedDiffusionLM
+
+    d, marker = _remote_code_folder(tmp_path)
+    # the folder says trust_remote_code: true; the caller did not, so transformers builds its own
+    # BertForMaskedLM (config.json's model_type) and never imports evil_model.py
+    model = MaskedDiffusionLM.from_pretrained(d)
+    assert type(model.net).__name__ == "BertForMaskedLM" and not model.trust_remote_code
+    assert not marker.exists()
+
+
+def test_evaluate_refuses_remote_code_without_the_flag(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from rlgen.evaluate import main
+
+    d, marker = _remote_code_folder(tmp_path)
+    assert main(["--checkpoint", str(d), "--benchmark", "arith", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {d / 'config.json'}: ") and "--trust-remote-code" in err[0] \
+        and "evil_model.py" in err[0], err
+    assert not marker.exists()
+    # the same folder with the flag does run its code: the payload is live, so the refusal above is real
+    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    proc = subprocess.run([sys.executable, "-m", "rlgen.evaluate", "--checkpoint", str(d), "--benchmark", "arith",
+                           "--no-progress", "--trust-remote-code"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and marker.read_text() == "remote code ran", proc.stderr[-2000:]

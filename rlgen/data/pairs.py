@@ -7,7 +7,9 @@ A pairs file is JSONL (one JSON object per line) or parquet (read through ``data
     {"prompt": "47+85=", "chosen": "231", "rejected": "221", "meta": {"problem": {...}, "gen_length": 3}}
 
 - ``prompt``, ``chosen``, ``rejected``: required strings. For images, ``chosen``/``rejected`` are
-  image file paths relative to the pairs file; for text they are the completions.
+  image file paths relative to the pairs file's folder (or ``image_root``) and must stay inside it:
+  an absolute path, a ``..`` or a symlink leading out is refused (a shared pairs file must not make
+  training read arbitrary files); for text they are the completions.
 - ``chosen_score``, ``rejected_score`` (numbers) and ``meta`` (an object): optional.
 
 ``load_pairs`` checks every row before training starts. A malformed row — invalid JSON, not an
@@ -157,10 +159,20 @@ def _check_row(obj: Any, n: int, where: str) -> PairRow:
                    scores["rejected_score"], meta)
 
 
+def _inside(root: Path, rel: str) -> Path | None:
+    """``root/rel`` with symlinks and ``..`` resolved, or None when that leaves ``root``."""
+    p = (root / rel).resolve()
+    return p if p.is_relative_to(root.resolve()) else None
+
+
 def _load_images(row: PairRow, root: Path, image_size: int | None, where: str) -> None:
     for side in ("chosen", "rejected"):
         rel = getattr(row, side)
-        p = root / rel
+        p = _inside(root, rel)
+        if p is None:
+            raise PairFormatError(f"{where}: {side} image {rel!r} is outside the image folder {root} (absolute "
+                                  f"paths and '..' are refused; pairs.image_root names another folder)",
+                                  "image_outside_root", row.row)
         if not p.is_file():
             raise PairFormatError(f"{where}: {side} image {rel!r} not found (paths are relative to {root})",
                                   "unreadable_image", row.row)
@@ -177,11 +189,13 @@ def _load_images(row: PairRow, root: Path, image_size: int | None, where: str) -
 
 
 def load_pairs(path: str | Path, modality: str = "auto", on_error: str = "strict",
-               image_size: int | None = None) -> PairSet:
+               image_size: int | None = None, image_root: str | Path | None = None) -> PairSet:
     """Read and validate a pairs file (JSONL, or ``.parquet``); see the module docstring.
 
     ``modality="auto"`` reads image pairs when the first row's chosen and rejected are image paths.
     ``image_size``: image pairs must be that many pixels square (None: any size, but all equal).
+    ``image_root``: the folder image paths are relative to and confined to (default: the pairs
+    file's folder).
     """
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
@@ -203,7 +217,7 @@ def load_pairs(path: str | Path, modality: str = "auto", on_error: str = "strict
             if key in seen:
                 raise PairFormatError(f"{where}: duplicate of row {seen[key]}", "duplicate", n)
             if modality == "image":
-                _load_images(row, p.parent, image_size, where)
+                _load_images(row, Path(image_root) if image_root else p.parent, image_size, where)
                 image_size = image_size or row.chosen_image.shape[-1]  # all images of a set share one size
             seen[key] = n
             rows.append(row)

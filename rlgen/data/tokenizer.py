@@ -46,7 +46,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     p = Path(path)
     if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"{p}: no tokenizer.json / tokenizer_config.json")
-    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)  # no code from files
 
 
 def vocab_chars(tokenizer: PreTrainedTokenizerBase) -> set[str] | None:

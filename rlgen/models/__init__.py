@@ -44,6 +44,24 @@ def read_model_meta(path: str | Path) -> dict:
     return meta
 
 
+def refuse_remote_code(folder: Path) -> None:
+    """Raise if the folder's Hugging Face config asks to run Python files shipped in it (``auto_map``):
+    only the caller may allow that (``trust_remote_code``), never the folder itself."""
+    for name in ("config.json", "tokenizer_config.json"):
+        f = Path(folder) / name
+        try:
+            auto_map = json.loads(f.read_text()).get("auto_map") if f.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable: the loader names the file
+        if auto_map:
+            refs = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+            flat = [r for v in refs for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+            code = sorted({r.split("--")[-1].split(".")[0] + ".py" for r in flat})
+            raise ModelLoadError(f"{f}: the model needs the Python code shipped in its folder "
+                                 f"({', '.join(code[:3]) or 'auto_map'}); rlgen runs none unless told to: pass "
+                                 f"--trust-remote-code (python -m rlgen.evaluate) only for a folder you trust")
+
+
 def load_model(path: str | Path, device: str = "cpu", dtype=None, trust_remote_code: bool = False, **options):
     """Load a policy from an rlgen checkpoint or run folder (→ latest checkpoint), a Hugging Face
     model folder (``config.json``: masked-diffusion LMs, DiffusionGemma) or a Hub id (cache first).
@@ -74,6 +92,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype=None, trust_remote_c
         cls = MODELS.get(meta["model_type"])
     except Exception as e:  # RegistryError, or an import error of a 'module:attr' model type
         raise ModelLoadError(f"{ckpt / MODEL_META}: model_type {meta['model_type']!r}: {e}") from e
+    if not trust_remote_code:
+        refuse_remote_code(ckpt)  # a folder never switches its own code on
     accepted = inspect.signature(cls.from_pretrained).parameters
     takes_all = any(v.kind is inspect.Parameter.VAR_KEYWORD for v in accepted.values())
     extra = sorted(k for k in given if k not in accepted and not takes_all)

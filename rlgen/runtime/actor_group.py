@@ -63,12 +63,14 @@ class RayActorGroup:
             self.actors.append(remote_cls.options(scheduling_strategy=strategy_i).remote(*args, **kwargs))
 
     def _rendezvous(self) -> tuple[str, int]:
-        """Address + free port on bundle 0's node: loopback when that is this node."""
-        node0 = placement_group_table(self.pg)["bundles_to_node_id"][0]
-        if node0 == ray.get_runtime_context().get_node_id():
+        """Address + free port on bundle 0's node: loopback when every bundle is on that one node."""
+        nodes = placement_group_table(self.pg)["bundles_to_node_id"]
+        one_node = len(set(nodes.values())) == 1
+        if one_node and nodes[0] == ray.get_runtime_context().get_node_id():
             return "127.0.0.1", free_port()
         on_node0 = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0)
-        return ray.get(_remote_addr_and_port.options(scheduling_strategy=on_node0).remote())
+        addr, port = ray.get(_remote_addr_and_port.options(scheduling_strategy=on_node0).remote())
+        return ("127.0.0.1" if one_node else addr), port
 
     def __len__(self) -> int:
         return len(self.actors)

@@ -1,4 +1,6 @@
-"""Starting or attaching to a Ray cluster with safe defaults (127.0.0.1, no dashboard, no token).
+"""Starting or attaching to a Ray cluster. A local one (the embedded default) is bound to 127.0.0.1
+with no dashboard and no token (``rlgen.runtime.local_cluster``); an attached one keeps its own
+authentication.
 
 ``check_feasible`` turns a request the cluster can never satisfy (more GPUs or CPUs than it has)
 into an error naming the config keys, where Ray itself would wait forever for the resources.
@@ -9,6 +11,8 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
+
+from rlgen.runtime.local_cluster import start_local_ray
 
 
 @dataclass
@@ -25,21 +29,19 @@ def init_ray(cfg: RayConfig, min_cpus: float) -> bool:
     ``ray.shutdown()``, which also stops a local cluster it started; an attached cluster keeps running)."""
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         return False
-    runtime_env = {"env_vars": {k: os.environ[k] for k in ("RAY_AUTH_MODE", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR",
+    runtime_env = {"env_vars": {k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR",
                                                            "RLGEN_FASHION_MNIST") if k in os.environ}}
     if cfg.address:
         ray.init(address=cfg.address, log_to_driver=True, runtime_env=runtime_env)
         return True
     temp = cfg.temp_dir or tempfile.mkdtemp(prefix="rlgen_ray_", dir="/tmp" if os.path.isdir("/tmp") else None)
     kwargs = dict(num_cpus=math.ceil(max(cfg.num_cpus, min_cpus)), include_dashboard=cfg.dashboard, _temp_dir=temp,
-                  dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env,
-                  _node_ip_address="127.0.0.1")
+                  dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env)
     if cfg.num_gpus >= 0:
         kwargs["num_gpus"] = cfg.num_gpus
-    ray.init(**kwargs)
+    start_local_ray(**kwargs)  # loopback only, token auth off, a watchdog for a killed driver
     return True
 
 

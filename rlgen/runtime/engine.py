@@ -105,10 +105,11 @@ class DeepSpeedStrategy:
         self.cuda = torch.cuda.is_available()
 
     def init_distributed(self, master_addr: str, master_port: int) -> None:
-        from rlgen.runtime.rendezvous import distributed_env
+        from rlgen.runtime.rendezvous import init_process_group  # loopback store + gloo when the master is local
 
         # One process per actor: Ray shows each actor only its own GPU, so the local rank is 0.
-        os.environ.update(distributed_env(master_addr, master_port, self.rank, self.world_size))
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         if not self.cuda:
             os.environ["DS_ACCELERATOR"] = "cpu"
         import deepspeed
@@ -116,7 +117,9 @@ class DeepSpeedStrategy:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         if self.cuda:
             torch.cuda.set_device(0)
-        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", auto_mpi_discovery=False)
+        backend = "nccl" if self.cuda else "gloo"
+        init_process_group(master_addr, master_port, self.rank, self.world_size, backend)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
     @property
     def device(self) -> torch.device:
@@ -182,9 +185,14 @@ class DeepSpeedStrategy:
                                   exclude_frozen_parameters=True)
 
     def load(self, engine: DeepSpeedEngine, path: Path) -> dict:
-        from rlgen.runtime.safe_load import load_deepspeed_checkpoint
+        """Trainable weights, optimizer state and client state, without unpickling arbitrary objects
+        (rlgen/runtime/safe_load.py); frozen parameters are not in the checkpoint: not strict."""
+        from rlgen.runtime.safe_load import load_checkpoint
 
-        return load_deepspeed_checkpoint(engine.ds, path / DS_SUBDIR, DS_TAG)
+        load_path, client_state = load_checkpoint(engine.ds, path / DS_SUBDIR, DS_TAG, load_module_strict=False)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint '{DS_TAG}' under {path / DS_SUBDIR}")
+        return client_state or {}
 
 
 def load_numpy_weights(module: nn.Module, state: dict[str, np.ndarray], strict: bool = True) -> None:

@@ -75,7 +75,10 @@ def check_resume(cfg, family: str) -> Path | None:
         if ckpt is None:
             raise CheckpointError(f"run.resume: {p} is neither a complete checkpoint nor a run folder")
     if ckpt is not None:
+        from rlgen.runtime.safe_load import check_checkpoint_files
+
         _check_checkpoint(ckpt, cfg, family)
+        check_checkpoint_files(ckpt / "deepspeed")  # only DeepSpeed's own types: a crafted pickle is refused now
     return ckpt
 
 
@@ -123,8 +126,7 @@ def load_pair_set(cfg, base: Path, modality: str):
         if not c.build.rewards:
             raise ConfigError(f"pairs.path: {p} not found (set pairs.build.rewards to build the pairs from the base)")
         _build_pairs(cfg, base, p)
-    image_size = None
-    pairs = load_pairs(p, modality, c.on_error, image_size)
+    pairs = load_pairs(p, modality, c.on_error, None, image_root=c.image_root or None)
     print(f"[rlgen] {pairs.summary()}")
     for e in pairs.errors[:5]:
         print(f"[rlgen]   skipped: {e}")

@@ -19,8 +19,6 @@ so the learner class only needs its usual ``policy``/``strategy``/``rank``/``ver
 """
 from __future__ import annotations
 
-import datetime
-
 import ray
 import torch
 
@@ -32,13 +30,9 @@ BUCKET_NUMEL = 2**25  # elements per broadcast (128 MB of fp32): bounds the extr
 # ----------------------------------------------------------------------------------------------
 def new_group(addr: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float = 300.0):
     """A standalone ProcessGroup (rank 0 hosts its TCPStore); does not touch the default group."""
-    import torch.distributed as dist
+    from rlgen.runtime import rendezvous  # loopback store and gloo device when addr is loopback
 
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=timeout)
-    if backend == "nccl":
-        return dist.ProcessGroupNCCL(dist.PrefixStore("rlgen_sync", store), rank, world_size)
-    return dist.ProcessGroupGloo(dist.PrefixStore("rlgen_sync", store), rank, world_size, timeout)
+    return rendezvous.new_group(addr, port, rank, world_size, backend, timeout_s)
 
 
 def broadcast_buckets(group, tensors: list[torch.Tensor], device: torch.device) -> None:
@@ -68,9 +62,9 @@ def broadcast_buckets(group, tensors: list[torch.Tensor], device: torch.device) 
 # Learner side (run on Learner actors through __ray_call__)
 # ----------------------------------------------------------------------------------------------
 def _learner_address(learner) -> tuple[str, int]:
-    from rlgen.runtime.actor_group import free_port
+    from rlgen.runtime.rendezvous import node_address_and_port  # 127.0.0.1 on the embedded default
 
-    return ray.util.get_node_ip_address(), free_port("")
+    return node_address_and_port()
 
 
 def _learner_join(learner, addr: str, port: int, world_size: int, backend: str) -> list[tuple[str, list[int]]]:

@@ -96,3 +96,38 @@ def test_nothing_valid_is_an_error(tmp_path):
         load_pairs(f, on_error="skip")
     with pytest.raises(PairFormatError, match="not found"):
         load_pairs(tmp_path / "nope.jsonl")
+
+
+@pytest.fixture
+def pairs_dir(tmp_path):
+    """tmp/set/{images/a.png, images/b.png} beside a file outside the set, tmp/secret.png, and a
+    symlink inside the set that points at it."""
+    d = tmp_path / "set"
+    for name, v in (("a.png", -1.0), ("b.png", 1.0)):
+        write_image(image(v), d / "images" / name)
+    write_image(image(0.5), tmp_path / "secret.png")
+    (d / "images" / "link.png").symlink_to(tmp_path / "secret.png")
+    return d
+
+
+@pytest.mark.parametrize("side", ["chosen", "rejected"])
+@pytest.mark.parametrize("path", ["../secret.png", "images/../../secret.png", "ABS", "images/link.png"])
+def test_pair_images_outside_the_folder_are_refused(pairs_dir, side, path):
+    path = str(pairs_dir.parent / "secret.png") if path == "ABS" else path
+    f = write_lines(pairs_dir / "pairs.jsonl", [good(0), {**good(1), side: path}])
+    with pytest.raises(PairFormatError, match=rf"^{f}: row 2: {side} image '{path}' is outside the image folder") as e:
+        load_pairs(f)
+    assert e.value.kind == "image_outside_root" and e.value.row == 2 and len(str(e.value).splitlines()) == 1
+    assert load_pairs(f, on_error="skip").skipped == {"image_outside_root": 1}
+
+
+def test_pair_images_resolve_inside_an_explicit_image_root(pairs_dir, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    f = write_lines(tmp_path / "elsewhere" / "pairs.jsonl", [good(0)])
+    with pytest.raises(PairFormatError, match="not found"):  # relative to the pairs file's own folder
+        load_pairs(f)
+    pairs = load_pairs(f, image_root=pairs_dir)
+    assert len(pairs) == 1 and torch.allclose(pairs.images()[0], torch.full((1, 3, 8, 8), -1.0))
+    f = write_lines(f, [{**good(0), "chosen": "../secret.png"}])
+    with pytest.raises(PairFormatError, match=rf"outside the image folder {pairs_dir}"):
+        load_pairs(f, image_root=pairs_dir)
