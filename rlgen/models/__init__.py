@@ -58,8 +58,9 @@ def refuse_remote_code(folder: Path) -> None:
             flat = [r for v in refs for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
             code = sorted({r.split("--")[-1].split(".")[0] + ".py" for r in flat})
             raise ModelLoadError(f"{f}: the model needs the Python code shipped in its folder "
-                                 f"({', '.join(code[:3]) or 'auto_map'}); rlgen runs none unless told to: pass "
-                                 f"--trust-remote-code (python -m rlgen.evaluate) only for a folder you trust")
+                                 f"({', '.join(code[:3]) or 'auto_map'}); rlgen runs none unless told to: set "
+                                 f"policy.trust_remote_code=true (train_rl.py) or pass --trust-remote-code "
+                                 f"(python -m rlgen.evaluate) only for a folder you trust")
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype=None, trust_remote_code: bool = False, **options):
