@@ -88,8 +88,10 @@ def check_run(run, steps: int, online: bool):
     return rows
 
 
-@pytest.mark.parametrize("name", ["flow_grpo", "reinforce", "flow_opd", "diffusion_dpo", "vrpo", "mdm_grpo",
-                                  "mdm_opd"])
+# one online image job, one online text job and one offline job in the default suite; the rest are slow
+@pytest.mark.parametrize("name", ["flow_grpo", "vrpo", "mdm_grpo",
+                                  *(pytest.param(n, marks=pytest.mark.slow)
+                                    for n in ("reinforce", "flow_opd", "diffusion_dpo", "mdm_opd"))])
 def test_two_steps_then_resume(name, tmp_path, models, capsys):
     import ray
 
