@@ -28,7 +28,7 @@ def run(config: str, name: str, root: str, iterations: int, extra: list[str]) ->
     import train_rl
     from rlgen.runtime.rundir import read_metrics
 
-    args = ["--config", config, f"run.name={name}", f"run.root={root}", f"train.iterations={iterations}",
+    args = ["--config", config, f"run.name={name}", f"run.root={root}", f"train.steps={iterations}",
             "train.max_minutes=0", "run.resume=no", *extra]
     if train_rl.main(args) != 0:
         raise SystemExit(f"run {name} failed")

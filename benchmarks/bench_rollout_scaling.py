@@ -45,18 +45,17 @@ def main() -> None:
     import rlgen  # noqa: F401
     from rlgen.config import load_config
     from rlgen.runtime.cluster import RayConfig, init_ray
-    from rlgen.runtime.prompts import PromptSource
     from rlgen.runtime.rundir import resolve_checkpoint
+    from rlgen.runtime.sources import PromptSource
     from rollouts.worker import RolloutWorker
 
     cfg = load_config(args.config, args.overrides)
     init_ray(RayConfig(temp_dir=tempfile.mkdtemp(prefix="rlgen_bs_", dir="/tmp")), 2)
     policy = str(resolve_checkpoint(cfg.policy.checkpoint))
-    lora = dict(lora_rank=cfg.learner.lora_rank, lora_alpha=cfg.learner.lora_alpha,
-                lora_targets=list(cfg.learner.lora_targets))
+    lora = cfg.policy.lora if cfg.policy.lora.enabled else None
     actor = ray.remote(num_cpus=1)(RolloutWorker)
-    workers = [actor.remote(policy, cfg.rollout, 1, "cpu", i, **lora) for i in range(2)]
-    prompts = PromptSource(cfg.prompts, cfg.run.seed).sample(1)
+    workers = [actor.remote(policy, cfg.policy.load_options(), cfg.rollout, lora, 1, "cpu", i) for i in range(2)]
+    prompts = PromptSource(cfg.prompts, cfg.run.seed, "image").sample(1)
     g = cfg.prompts.group_size
     full = ([p for p in prompts for _ in range(g)], torch.tensor([i for i in range(len(prompts)) for _ in range(g)]))
     half = [([p for j, p in enumerate(prompts) if j % 2 == k for _ in range(g)],
