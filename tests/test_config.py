@@ -114,3 +114,75 @@ def test_plain_run_names_are_accepted(tmp_path):
     p = write(tmp_path, "kind: toy_job\n")
     for name in ("quickstart", "my-run_2.v3", "run 1"):
         assert load_config(p, [f"run.name={name}"]).run.dir.name == name
+
+
+# ----------------------------------------------------------------------------------------------
+# composition and attribution (the train_rl.py job config)
+# ----------------------------------------------------------------------------------------------
+def test_base_config_is_loaded_first_and_a_variant_changes_a_few_keys(tmp_path):
+    (tmp_path / "base.yaml").write_text("kind: toy_job\nsteps: 5\noptim: {lr: 0.1, schedule: linear}\n"
+                                        "weights: {a: 1.0}\n")
+    variant = tmp_path / "sub" / "variant.yaml"
+    variant.parent.mkdir()
+    variant.write_text("base: ../base.yaml\noptim: {lr: 0.2}\n")
+    cfg = load_config(variant)
+    assert cfg.steps == 5 and cfg.optim.lr == 0.2 and cfg.optim.schedule == "linear"  # merged key by key
+    with pytest.raises(ConfigError) as e:  # an error names the file that set the key
+        load_config(variant, ["optim.lr=fast"])
+    assert "override 'optim.lr=fast'" in str(e.value) and str(variant) not in str(e.value)
+    (tmp_path / "bad.yaml").write_text("base: base.yaml\noptim: {lr: oops}\n")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'bad.yaml'}: key 'optim.lr'"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_base_cycles_and_missing_bases_are_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nope.yaml\nkind: toy_job\n")
+    with pytest.raises(ConfigError, match="base config not found"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_the_fashion_variants_are_short_and_differ_from_their_base_only_where_they_say():
+    from rlgen.config import to_dict
+
+    base = to_dict(load_config("configs/rl/flow_grpo_fashion_kl.yaml"))
+    nokl = to_dict(load_config("configs/rl/flow_grpo_fashion_nokl.yaml"))
+    clip = to_dict(load_config("configs/rl/flow_grpo_fashion_clip.yaml"))
+    assert nokl["algo"]["kl_beta"] == 0.0 and base["algo"]["kl_beta"] == 0.04
+    assert {k for k in base if base[k] != nokl[k]} == {"run", "algo"}
+    assert {k for k in base if base[k] != clip[k]} == {"run", "rewards", "reward_kwargs"}
+    assert clip["rewards"] == {"fashion_classifier": 1.0, "clip_score": 1.0}
+
+
+def test_algo_name_picks_the_algorithm_config_and_the_rollout_type(tmp_path):
+    from rlgen.algos.mdm_grpo import MDMGRPOConfig
+    from rlgen.families.masked_lm import TextRolloutConfig
+
+    p = tmp_path / "j.yaml"
+    p.write_text("algo: {name: mdm_grpo, estimator: coupled}\npolicy: {checkpoint: x}\nrewards: {a: 1.0}\n"
+                 "rollout: {temperature: 0.5}\n")
+    cfg = load_config(p)
+    assert isinstance(cfg.algo, MDMGRPOConfig) and cfg.algo.estimator == "coupled"
+    assert isinstance(cfg.rollout, TextRolloutConfig) and cfg.rollout.temperature == 0.5
+    with pytest.raises(ConfigError, match=r"unknown key 'rollout\.num_steps' for TextRolloutConfig"):
+        load_config(p, ["rollout.num_steps=3"])
+    with pytest.raises(ConfigError, match=r"unknown algorithm 'nope'"):
+        load_config(p, ["algo.name=nope"])
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("prompts.per_step=0", "key 'prompts.per_step' must be >= 1"),
+    ("prompts.group_size=1", "key 'prompts.group_size' must be >= 2"),
+    ("rollout.noise_level=-1", "key 'rollout.noise_level' must be > 0"),
+    ("rollout.noise_level=.nan", "key 'rollout.noise_level' must be a finite number"),
+    ("optim.lr=.nan", "key 'optim.lr' must be a finite number"),
+    ("train.save_every=-1", "key 'train.save_every' must be >= 0"),
+    ("learner.zero_stage=4", "key 'learner.zero_stage' must be one of"),
+])
+def test_ranges_are_checked_and_attributed_to_the_override(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/quickstart.yaml", [override])
+    assert needle in str(e.value) and f"override '{override}'" in str(e.value), str(e.value)

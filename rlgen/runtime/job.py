@@ -227,23 +227,23 @@ class JobConfig:
         from rlgen.families import get_family
 
         if not self.algo.name:
-            raise FieldError("algo", "needs a name (algo.name=flow_grpo, mdm_grpo, …)")
+            raise FieldError("algo.name", "is required (algo.name=flow_grpo, mdm_grpo, …)")
         algo = get_algorithm(self.algo.name)
         if self.rollout is None:
             self.rollout = get_family(algo.family).rollout_config()
         check_choice(self, "reward_nan", ("error", "drop"))
         check_range(self, "reward_timeout_s", lo=0)
         if not self.policy.checkpoint:
-            raise FieldError("policy", "needs a checkpoint (policy.checkpoint=<folder or Hub id>)")
+            raise FieldError("policy.checkpoint", "is required (policy.checkpoint=<folder or Hub id>)")
         if algo.data == "rollouts":
             if not self.rewards:
                 raise FieldError("rewards", "is empty: name at least one reward (rewards={name: weight})")
             if self.prompts.group_size < algo.min_group_size:
-                raise FieldError("prompts", f"group_size must be >= {algo.min_group_size} for {self.algo.name} "
-                                            f"(group-relative advantages of a single sample are all 0), got "
-                                            f"{self.prompts.group_size}")
+                raise FieldError("prompts.group_size", f"must be >= {algo.min_group_size} for {self.algo.name} "
+                                                       f"(group-relative advantages of a single sample are all 0), "
+                                                       f"got {self.prompts.group_size}")
         elif not self.pairs.path:
-            raise FieldError("pairs", f"needs a path for {self.algo.name} (pairs.path=<pairs.jsonl>)")
+            raise FieldError("pairs.path", f"is required for {self.algo.name} (pairs.path=<pairs.jsonl>)")
 
     def rewards_config(self):
         from rewards.base import RewardsConfig
