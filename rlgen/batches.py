@@ -16,7 +16,7 @@ draw per-row randomness from ``(seed, row id)``, so K ranks make exactly the upd
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -125,8 +125,36 @@ class ImageRollout:
 # ----------------------------------------------------------------------------------------------
 # Text
 # ----------------------------------------------------------------------------------------------
+class _RowBucket:
+    """Rows of one shape: every tensor field's first dimension is the row; ``weight`` 0 marks a row
+    that only evens out shards."""
+
+    def __post_init__(self):
+        if self.weight is None:
+            self.weight = torch.ones(len(self.rows))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def select(self, idx: torch.Tensor):
+        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def shard_buckets(buckets: list, n: int) -> list[list]:
+    """n lists holding every bucket, each bucket's rows split evenly; short parts are padded with
+    weight-0 copies of the bucket's first row so every rank runs the same passes."""
+    shards = [[] for _ in range(n)]
+    for b in buckets:
+        for i, (idx, real) in enumerate(zip(_even_split(len(b), n), _pad_mask(len(b), n))):
+            part = b.select(idx)
+            part.weight = part.weight * real.float()
+            shards[i].append(part)
+    return shards
+
+
 @dataclass
-class TextBucket:
+class TextBucket(_RowBucket):
     """Rows with one prompt length P and answer width G: decoded as one padding-free batch."""
 
     tokens: torch.Tensor          # (b, P + G) long, prompt included
@@ -135,17 +163,6 @@ class TextBucket:
     rows: torch.Tensor            # (b,) long: the row's index in the TextRollout (rewards, advantages)
     prompt_length: int
     weight: torch.Tensor | None = None  # (b,) float: 1, or 0 for a row that only evens out shards
-
-    def __post_init__(self):
-        if self.weight is None:
-            self.weight = torch.ones(len(self.rows))
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    def select(self, idx: torch.Tensor) -> "TextBucket":
-        return TextBucket(self.tokens[idx], self.order[idx], self.token_logprobs[idx], self.rows[idx],
-                          self.prompt_length, self.weight[idx])
 
 
 @dataclass
@@ -184,13 +201,7 @@ class TextRollout:
         """n shards with the same buckets, each bucket's rows split evenly; short parts are padded
         with weight-0 copies of the bucket's first row so every rank runs the same passes."""
         gs = self.global_size or int(sum(float(b.weight.sum()) for b in self.buckets))
-        shards = [[] for _ in range(n)]
-        for b in self.buckets:
-            for i, (idx, real) in enumerate(zip(_even_split(len(b), n), _pad_mask(len(b), n))):
-                part = b.select(idx)
-                part.weight = part.weight * real.float()
-                shards[i].append(part)
-        return [replace(self, buckets=bs, global_size=gs) for bs in shards]
+        return [replace(self, buckets=bs, global_size=gs) for bs in shard_buckets(self.buckets, n)]
 
     @staticmethod
     def cat(parts: list["TextRollout"]) -> "TextRollout":
@@ -253,23 +264,12 @@ class ImagePairs:
 
 
 @dataclass
-class TextPairBucket:
+class TextPairBucket(_RowBucket):
     prompt_ids: torch.Tensor      # (b, P)
     chosen_ids: torch.Tensor      # (b, L) EOS-padded answers
     rejected_ids: torch.Tensor    # (b, L)
     rows: torch.Tensor            # (b,) position in the step
     weight: torch.Tensor | None = None
-
-    def __post_init__(self):
-        if self.weight is None:
-            self.weight = torch.ones(len(self.rows))
-
-    def __len__(self) -> int:
-        return self.prompt_ids.shape[0]
-
-    def select(self, idx: torch.Tensor) -> "TextPairBucket":
-        return TextPairBucket(self.prompt_ids[idx], self.chosen_ids[idx], self.rejected_ids[idx], self.rows[idx],
-                              self.weight[idx])
 
 
 @dataclass
@@ -284,14 +284,7 @@ class TextPairs:
         return sum(len(b) for b in self.buckets)
 
     def shard(self, n: int) -> list["TextPairs"]:
-        gs = self.global_size or len(self)
-        shards = [[] for _ in range(n)]
-        for b in self.buckets:
-            for i, (idx, real) in enumerate(zip(_even_split(len(b), n), _pad_mask(len(b), n))):
-                part = b.select(idx)
-                part.weight = part.weight * real.float()
-                shards[i].append(part)
-        return [TextPairs(bs, gs, self.seed) for bs in shards]
+        return [TextPairs(bs, self.global_size or len(self), self.seed) for bs in shard_buckets(self.buckets, n)]
 
 
 # ----------------------------------------------------------------------------------------------
