@@ -115,12 +115,13 @@ def build(args) -> dict:
     """Sample, score, select and write; returns the statistics also written to build.json."""
     from rewards.base import RewardMixer
     from rlgen.models import load_model
-    from rlgen.models.flow import FlowPolicy
     from rlgen.utils import resolve_device, set_threads
 
     set_threads(args.threads)
-    model = load_model(args.checkpoint, device=str(resolve_device(args.device))).eval()
-    text = not isinstance(model, FlowPolicy)
+    # load options of the policy (a pipeline's resolution …), as train_rl.py's policy.options give them
+    options = dict(getattr(args, "options", None) or {})
+    model = load_model(args.checkpoint, device=str(resolve_device(args.device)), **options).eval()
+    text = getattr(model, "family", None) != "flow"  # rlgen's pixel models and diffusers pipelines sample images
     items = read_prompts(args.prompts, text, args.seed)
     k = args.samples_per_prompt
     if k < 2:
