@@ -108,7 +108,13 @@ class FlowFamily(Family):
         if not hasattr(policy, "add_lora"):  # rlgen's pixel models: peft on the backbone
             return super().add_lora(policy, lora)
         # a diffusers pipeline: its adapter in the format `pipe.load_lora_weights` reads
-        policy.add_lora(lora.rank, lora.alpha or lora.rank, list(lora.targets) or None)
+        if getattr(policy, "has_lora", False):  # started from a post-trained LoRA checkpoint: train that adapter on
+            have = policy.transformer.peft_config["default"].r
+            if have != lora.rank:
+                raise ValueError(f"policy.lora.rank={lora.rank}, but the checkpoint holds a rank-{have} LoRA adapter "
+                                 f"(on {policy.base}); set policy.lora.rank={have} to continue training it")
+        else:
+            policy.add_lora(lora.rank, lora.alpha or lora.rank, list(lora.targets) or None)
         policy.requires_grad_(False)
         for name, p in policy.named_parameters():
             p.requires_grad_("lora_" in name)

@@ -97,11 +97,14 @@ def load_model(path: str | Path, device: str = "cpu", dtype=None, trust_remote_c
         refuse_remote_code(ckpt)  # a folder never switches its own code on
     accepted = inspect.signature(cls.from_pretrained).parameters
     takes_all = any(v.kind is inspect.Parameter.VAR_KEYWORD for v in accepted.values())
+    # a model class without a dtype argument (rlgen's small models) is loaded, then cast
+    cast = given.pop("dtype", None) if "dtype" not in accepted and not takes_all else None
     extra = sorted(k for k in given if k not in accepted and not takes_all)
     if extra:
         raise ModelLoadError(f"{ckpt}: options {extra} do not apply to a {meta['model_type']!r} model")
     try:
-        return cls.from_pretrained(ckpt, device=device, **given)
+        model = cls.from_pretrained(ckpt, device=device, **given)
+        return model.to(cast) if cast is not None else model
     except ModelLoadError:
         raise
     except Exception as e:  # safetensors, transformers and diffusers raise many types for a bad file

@@ -21,8 +21,13 @@ def base_checkpoint(policy_cfg) -> Path:
             raise ConfigError(f"policy.checkpoint: {p} not found (give an existing checkpoint, run, diffusers or "
                               f"Hugging Face folder; or set policy.pretrain_config to pretrain a missing base)")
         pretrain_base(p, policy_cfg.pretrain_config, policy_cfg.pretrain_overrides)
-    if (p / "model_index.json").is_file() or (p / "config.json").is_file() and not (p / "rlgen_model.json").is_file():
-        return p  # a diffusers pipeline or Hugging Face model folder
+    if (p / "model_index.json").is_file():  # a diffusers pipeline: its options are checked before any actor loads it
+        from rlgen.models.diffusers_flow import check_options
+
+        check_options(policy_cfg.options, f"{p}")
+        return p
+    if (p / "config.json").is_file() and not (p / "rlgen_model.json").is_file():
+        return p  # a Hugging Face model folder
     return resolve_checkpoint(p)
 
 
@@ -44,6 +49,23 @@ def policy_family(base: Path, algo) -> str:
         raise ConfigError(f"policy.checkpoint: {base} holds a {family} model, but algo.name={algo.name} trains "
                           f"{algo.family} models")
     return family
+
+
+def precision_note(cfg) -> str | None:
+    """``policy.dtype`` is a CUDA setting: the one line saying which roles of this job compute in float32
+    instead (no GPU: CPU kernels in half precision are slow and CPU training is the test bed)."""
+    c, r = cfg, cfg.resources
+    if c.policy.dtype == "float32":
+        return None
+    roles = (("rollout workers", r.rollout_gpus, c.run.device), ("learners", r.learner_gpus, ""))
+    cpu = [role for role, gpus, dev in roles if gpus == 0 or dev == "cpu"]
+    if c.policy.dtype == "float16" and "learners" not in cpu:
+        return ("policy.dtype=float16: rollout workers sample in float16, learners train in float32 (use bfloat16 "
+                "for bf16 compute with fp32 master weights in DeepSpeed)")
+    if cpu:
+        return (f"policy.dtype={c.policy.dtype} applies on CUDA only: this job's {' and '.join(cpu)} have no GPU "
+                f"(resources.*_gpus=0 or run.device=cpu) and compute in float32")
+    return None
 
 
 def check_eval_files(e) -> None:

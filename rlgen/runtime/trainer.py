@@ -66,10 +66,12 @@ class Trainer:
         from rlgen.evaluate import check_options
         from rlgen.families import get_family
         from rlgen.runtime.setup import (base_checkpoint, check_eval_files, check_resume, check_teacher,
-                                         policy_family)
+                                         policy_family, precision_note)
 
         c = self.cfg
         self.algo.check_job(c)
+        if note := precision_note(c):
+            print(f"[rlgen] {note}")
         base = base_checkpoint(c.policy)
         family = policy_family(base, self.algo)
         check_teacher(self.algo, base)

@@ -86,14 +86,25 @@ def lora_delta(ckpt_a, ckpt_b) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a if "lora_B" in k)
 
 
-def run_case(algo, pipe, tmp_path, tiny_pipelines, capsys, extra=()):
+# what else each case switches on (the runtime paths a pipeline takes differently)
+EXTRA = {("flow_grpo", "flux"): ["train.weight_sync=collective"],  # adapter-only broadcast (gloo here, NCCL on GPUs)
+         ("flow_opd", "sd3"): ["policy.gradient_checkpointing=true", "policy.dtype=bfloat16",  # bf16: CUDA only
+                               "policy.options={cfg_detach_uncond: false}"],
+         ("diffusion_dpo", "flux"): ["policy.gradient_checkpointing=true"]}
+
+
+def run_case(algo, pipe, tmp_path, tiny_pipelines, capsys):
     import ray
 
     config, *args = job_args(algo, pipe, tmp_path, tiny_pipelines)
+    extra = EXTRA.get((algo, pipe), [])
     base = ["--config", config, f"run.root={tmp_path}", f"run.name={algo}_{pipe}", *COMMON, *args, *extra]
     assert train_rl.main([*base, "train.steps=2"]) == 0
     assert not ray.is_initialized()
-    assert "held-out accuracy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "held-out accuracy" in out
+    if "policy.dtype=bfloat16" in extra:  # on CPU: said once, and the job trains in float32
+        assert out.count("policy.dtype=bfloat16 applies on CUDA only") == 1
     run, online = tmp_path / f"{algo}_{pipe}", algo != "diffusion_dpo"
     rows = check_run(run, 2, online)
     if algo == "flow_opd":
@@ -109,13 +120,11 @@ def run_case(algo, pipe, tmp_path, tiny_pipelines, capsys, extra=()):
     return run
 
 
-def test_flow_grpo_sd3(tmp_path, tiny_pipelines, capsys):
-    """The default-suite case: Flow-GRPO with CFG on the tiny SD3 pipeline, LoRA, 2 steps + resume."""
-    run_case("flow_grpo", "sd3", tmp_path, tiny_pipelines, capsys)
-
-
+# Each case takes 1.5-3.5 min on a shared 2-core machine (two jobs, each starting a Ray cluster, a rollout,
+# a reward and a DeepSpeed learner actor that load the pipeline): all slow. The default suite has the same
+# pieces in one process (tests/runtime/test_pipeline_runtime.py).
 @pytest.mark.slow
-@pytest.mark.parametrize("algo,pipe", [("flow_grpo", "flux"), ("diffusion_dpo", "sd3"), ("diffusion_dpo", "flux"),
-                                       ("flow_opd", "sd3"), ("flow_opd", "flux")])
+@pytest.mark.parametrize("algo,pipe", [("flow_grpo", "sd3"), ("flow_grpo", "flux"), ("diffusion_dpo", "sd3"),
+                                       ("diffusion_dpo", "flux"), ("flow_opd", "sd3"), ("flow_opd", "flux")])
 def test_two_steps_then_resume(algo, pipe, tmp_path, tiny_pipelines, capsys):
     run_case(algo, pipe, tmp_path, tiny_pipelines, capsys)
