@@ -120,6 +120,10 @@ def build(args) -> dict:
     set_threads(args.threads)
     # load options of the policy (a pipeline's resolution …), as train_rl.py's policy.options give them
     options = dict(getattr(args, "options", None) or {})
+    if getattr(args, "resolution", None):
+        options["resolution"] = args.resolution
+    if getattr(args, "dtype", None):
+        options["dtype"] = getattr(torch, args.dtype)
     model = load_model(args.checkpoint, device=str(resolve_device(args.device)), **options).eval()
     text = getattr(model, "family", None) != "flow"  # rlgen's pixel models and diffusers pipelines sample images
     items = read_prompts(args.prompts, text, args.seed)
@@ -218,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--sheet-pairs", type=int, default=16, help="pairs shown on the contact sheet")
     b.add_argument("--device", default="auto")
+    b.add_argument("--resolution", type=int, default=None, help="pipelines: image side in pixels")
+    b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights and compute")
     b.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     b.add_argument("--progress", action="store_true")
     c = sub.add_parser("check", help="validate a pairs file and print what would be trained on")

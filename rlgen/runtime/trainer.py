@@ -104,7 +104,7 @@ class Trainer:
                                     + n * r.learner_cpus)
         # Ray queues an impossible request forever; refuse it with the numbers instead.
         check_feasible([{"CPU": r.rollout_cpus, "GPU": r.rollout_gpus, **r.rollout_resources}] * r.rollout_workers
-                       + [{"CPU": r.reward_cpus, **r.reward_resources}] * reward_workers
+                       + [{"CPU": r.reward_cpus, "GPU": r.reward_gpus, **r.reward_resources}] * reward_workers
                        + [{"CPU": r.learner_cpus, "GPU": r.learner_gpus, **r.learner_resources}] * n,
                        "rollout, reward and learner actors")
         self.workers = Workers(c, str(base), self.modality, self.online)
