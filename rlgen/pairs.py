@@ -130,7 +130,9 @@ def build(args) -> dict:
     k = args.samples_per_prompt
     if k < 2:
         raise ValueError(f"--samples-per-prompt must be >= 2 to form pairs, got {k}")
-    mixer = RewardMixer(_parse_rewards(args.reward))
+    weights = _parse_rewards(args.reward)  # constructor kwargs (a reward model's device …): train_rl's reward_kwargs
+    kwargs = {k: v for k, v in (getattr(args, "reward_kwargs", None) or {}).items() if k in weights}
+    mixer = RewardMixer({"rewards": weights, "reward_kwargs": kwargs})
     if text:
         from rlgen.data.text_tasks import get_task
 

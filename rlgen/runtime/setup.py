@@ -168,7 +168,7 @@ def _build_pairs(cfg, base: Path, p: Path) -> None:
         samples_per_prompt=b.samples_per_prompt, out=str(out), strategy=b.strategy, margin=b.margin, seed=b.seed,
         num_steps=b.num_steps, cfg=b.cfg, noise_level=b.noise_level, temperature=b.temperature, batch_size=64,
         sheet_pairs=16, device=cfg.run.device, threads=cfg.run.num_threads, progress=cfg.run.progress,
-        options=cfg.policy.load_options()))
+        options=cfg.policy.load_options(), reward_kwargs=dict(cfg.reward_kwargs)))
 
 
 def check_teacher(algo, base: Path) -> None:

@@ -128,3 +128,32 @@ def run_case(algo, pipe, tmp_path, tiny_pipelines, capsys):
                                        ("diffusion_dpo", "flux"), ("flow_opd", "sd3"), ("flow_opd", "flux")])
 def test_two_steps_then_resume(algo, pipe, tmp_path, tiny_pipelines, capsys):
     run_case(algo, pipe, tmp_path, tiny_pipelines, capsys)
+
+
+@pytest.mark.slow
+def test_a_real_recipe_runs_on_the_tiny_pipeline(tmp_path, tiny_pipelines, capsys):
+    """configs/real/flow_grpo_sd35m_pickscore.yaml as written (bf16, LoRA r32, CFG 4.5 with the detached
+    unconditional branch, collective adapter sync, the reward benchmark), shrunk to one CPU machine: only
+    sizes, resources and the (downloaded) reward model change."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    cpu = ["ray.address=", "ray.num_cpus=3", "resources.rollout_workers=1", "resources.rollout_gpus=0",
+           "resources.rollout_cpus=1", "resources.reward_workers=1", "resources.reward_gpus=0",
+           "resources.reward_cpus=0.5", "resources.learner_gpus=0", "resources.learner_cpus=1",
+           "learner.num_learners=1", "run.device=cpu"]
+    small = [f"policy.checkpoint={tiny_pipelines['sd3']}", "policy.options.resolution=64", f"prompts.file={prompts}",
+             "prompts.per_step=2", "prompts.group_size=2", "rollout.num_steps=2", "learner.micro_batch_size=1",
+             "rewards={'rewards.examples:brightness': 1.0}", "reward_kwargs={}", f"eval.prompts={prompts}",
+             "eval.options={reward: 'rewards.examples:brightness', reward_kwargs: {}, steps: 2}", "eval.every=2",
+             "train.steps=2", "train.save_every=2"]
+    args = ["--config", "configs/real/flow_grpo_sd35m_pickscore.yaml", f"run.root={tmp_path}", "run.name=real",
+            "run.progress=false", "run.tensorboard=false", "resources.rollout_threads=1",
+            "resources.learner_threads=1", *cpu, *small]
+    assert train_rl.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("policy.dtype=bfloat16 applies on CUDA only") == 1
+    rows = read_metrics(tmp_path / "real")
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[1]["kl"] >= 0 and "eval/reward_std" in rows[2]
+    assert rows[0]["eval/accuracy"] == pytest.approx(rows[0]["eval/rewards.examples:brightness"])
+    meta = json.loads((tmp_path / "real" / "checkpoints" / "2" / "rlgen_model.json").read_text())
+    assert meta["lora"]["rank"] == 32 and meta["options"]["max_sequence_length"] == 128
