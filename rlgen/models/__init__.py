@@ -151,6 +151,13 @@ def detect_family(path: str | Path) -> str:
     from rlgen.runtime.rundir import CheckpointError, resolve_checkpoint
 
     p = Path(path)
+    if not p.exists():  # a Hub id: its files in the local cache (rlgen.models.sources)
+        from rlgen.models.sources import resolve_source
+
+        src = resolve_source(str(path))
+        if src.kind != "rlgen":
+            return "flow" if src.kind == "diffusers" else "masked_lm"
+        p = src.path
     if p.is_dir() and not (p / MODEL_META).is_file() and not (p / "checkpoints").is_dir():
         if (p / "model_index.json").is_file():
             return "flow"

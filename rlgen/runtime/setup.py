@@ -16,10 +16,13 @@ def base_checkpoint(policy_cfg) -> Path:
     from rlgen.runtime.rundir import resolve_checkpoint
 
     p = Path(policy_cfg.checkpoint)
+    if not p.exists() and not policy_cfg.pretrain_config and hub_id(policy_cfg.checkpoint):
+        return hub_base(policy_cfg)
     if not p.exists():
         if not policy_cfg.pretrain_config:
             raise ConfigError(f"policy.checkpoint: {p} not found (give an existing checkpoint, run, diffusers or "
-                              f"Hugging Face folder; or set policy.pretrain_config to pretrain a missing base)")
+                              f"Hugging Face folder, or a Hub id; or set policy.pretrain_config to pretrain a "
+                              f"missing base)")
         pretrain_base(p, policy_cfg.pretrain_config, policy_cfg.pretrain_overrides)
     if (p / "model_index.json").is_file():  # a diffusers pipeline: its options are checked before any actor loads it
         from rlgen.models.diffusers_flow import check_options
@@ -29,6 +32,30 @@ def base_checkpoint(policy_cfg) -> Path:
     if (p / "config.json").is_file() and not (p / "rlgen_model.json").is_file():
         return p  # a Hugging Face model folder
     return resolve_checkpoint(p)
+
+
+def hub_id(spec: str) -> bool:
+    from rlgen.models.sources import _HUB_ID
+
+    return bool(_HUB_ID.match(spec))
+
+
+def hub_base(policy_cfg) -> Path:
+    """A Hub id as the starting policy: fetched into the local cache now (where a network exists), so the
+    actors (on nodes sharing that cache) load it from there. The id itself is what they get, and what
+    checkpoints record as their base: portable, unlike a cache path."""
+    from rlgen.models import ModelLoadError
+    from rlgen.models.sources import resolve_source
+
+    try:
+        src = resolve_source(policy_cfg.checkpoint)
+    except ModelLoadError as e:
+        raise ConfigError(f"policy.checkpoint: {e}") from None
+    if src.kind == "diffusers":
+        from rlgen.models.diffusers_flow import check_options
+
+        check_options(policy_cfg.options, policy_cfg.checkpoint)
+    return Path(policy_cfg.checkpoint)
 
 
 def pretrain_base(p: Path, config: str, overrides: list[str]) -> None:

@@ -150,3 +150,35 @@ def test_policy_dtype_is_a_cuda_setting():
                                                                   "resources.learner_gpus=1", "run.device=auto"])
     assert precision_note(gpu) is None
     assert precision_note(load_config("configs/rl/flow_grpo_shapes.yaml", ["policy.checkpoint=x"])) is None
+
+
+def test_a_hub_id_is_a_starting_policy(tiny_pipelines, tmp_path, monkeypatch):
+    """policy.checkpoint=owner/name: checked from the local Hugging Face cache before anything starts; the
+    actors get the id, and checkpoints point at it (portable), not at a cache folder."""
+    import shutil
+
+    import huggingface_hub.constants as hc
+
+    from rlgen.config import ConfigError
+    from rlgen.models import detect_family
+    from rlgen.runtime.job import PolicyConfig
+    from rlgen.runtime.setup import base_checkpoint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo, commit = tmp_path / "hub" / "models--acme--tiny-sd3", "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_pipelines["sd3"], repo / "snapshots" / commit)  # the layout huggingface_hub writes
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+    assert str(base_checkpoint(PolicyConfig(checkpoint="acme/tiny-sd3"))) == "acme/tiny-sd3"
+    assert detect_family("acme/tiny-sd3") == "flow"
+    policy = load_model("acme/tiny-sd3")
+    family_of(policy).add_lora(policy, LoraSpec(rank=2))
+    family_of(policy).save(policy, tmp_path / "ckpt", LoraSpec(rank=2))
+    assert load_model(tmp_path / "ckpt").base == "acme/tiny-sd3"
+    with pytest.raises(ConfigError, match=r"policy.checkpoint: .*acme/other.* not in the local cache") as e:
+        base_checkpoint(PolicyConfig(checkpoint="acme/other"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(Exception, match=r"option\(s\) \['resolutoin'\] do not apply to a diffusers pipeline"):
+        base_checkpoint(PolicyConfig(checkpoint="acme/tiny-sd3", options={"resolutoin": 64}))
