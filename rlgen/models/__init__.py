@@ -143,6 +143,15 @@ def _load_foreign(spec, device: str, options: dict):
         raise ModelLoadError(f"{folder}: cannot load as a masked-diffusion LM: {type(e).__name__}: {e}") from e
 
 
+def check_load_options(kind: str, options: dict, where: str) -> None:
+    """Refuse ``options`` the loader of a folder of ``kind`` ("diffusers": a pipeline) does not take, as
+    one line naming them and the valid ones, before any actor loads the weights."""
+    if kind == "diffusers":
+        from rlgen.models.diffusers_flow import check_options
+
+        check_options(options, where)
+
+
 def detect_family(path: str | Path) -> str:
     """The model family of a folder, from its metadata files alone (no weights are read): an rlgen
     checkpoint names its model type; a diffusers pipeline folder is a flow model; a Hugging Face

@@ -25,9 +25,9 @@ def base_checkpoint(policy_cfg) -> Path:
                               f"missing base)")
         pretrain_base(p, policy_cfg.pretrain_config, policy_cfg.pretrain_overrides)
     if (p / "model_index.json").is_file():  # a diffusers pipeline: its options are checked before any actor loads it
-        from rlgen.models.diffusers_flow import check_options
+        from rlgen.models import check_load_options
 
-        check_options(policy_cfg.options, f"{p}")
+        check_load_options("diffusers", policy_cfg.options, str(p))
         return p
     if (p / "config.json").is_file() and not (p / "rlgen_model.json").is_file():
         return p  # a Hugging Face model folder
@@ -44,17 +44,14 @@ def hub_base(policy_cfg) -> Path:
     """A Hub id as the starting policy: fetched into the local cache now (where a network exists), so the
     actors (on nodes sharing that cache) load it from there. The id itself is what they get, and what
     checkpoints record as their base: portable, unlike a cache path."""
-    from rlgen.models import ModelLoadError
+    from rlgen.models import ModelLoadError, check_load_options
     from rlgen.models.sources import resolve_source
 
     try:
         src = resolve_source(policy_cfg.checkpoint)
     except ModelLoadError as e:
         raise ConfigError(f"policy.checkpoint: {e}") from None
-    if src.kind == "diffusers":
-        from rlgen.models.diffusers_flow import check_options
-
-        check_options(policy_cfg.options, policy_cfg.checkpoint)
+    check_load_options(src.kind, policy_cfg.options, policy_cfg.checkpoint)
     return Path(policy_cfg.checkpoint)
 
 
