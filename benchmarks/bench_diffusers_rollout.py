@@ -11,7 +11,11 @@ On the same pipeline folder (default: the tiny SD3 pipeline, built into a temp d
   Flow-GRPO's SDE (noise_level 0.7, every step stochastic, log-probs, all latents kept) — the same work
   plus what RL needs;
 - ``rlgen (cached)``: the same with the prompts already in the policy's embedding cache, as rollout
-  workers see them from the second iteration on (a group repeats each prompt; prompts recur over epochs).
+  workers see them from the second iteration on (a group repeats each prompt; prompts recur over epochs);
+- ``worker step`` / ``pipeline + decode``: what a training iteration's rollout costs on a rollout worker
+  (``RolloutWorker.generate``: the same SDE sampling, all latents and log-probs, then the VAE decode of
+  every sample to RGB for the rewards; its prompt cache warm from the step before) against the pipeline
+  call that also decodes (``output_type="pt"``).
 
 Runs are interleaved (pipeline, cold, cached, …) and the medians are reported with their ratios, measured
 side by side in one process. Goal: rlgen (cold) / pipeline ≤ 1.10. No absolute-time assertions.
@@ -69,8 +73,25 @@ def main() -> None:
                 traj = sample(policy.velocity_fn(emb, args.cfg), noise, sigmas, noise_level=0.7, generator=g)
             assert traj.log_probs.shape == (len(prompts), args.steps)
 
+        from rlgen.families.flow import ImageRolloutConfig
+        from rollouts.worker import RolloutWorker
+
+        worker = RolloutWorker(str(path), {}, ImageRolloutConfig(num_steps=args.steps, noise_level=0.7,
+                                                                 cfg_scale=args.cfg, shift=0, batch_size=args.batch),
+                               num_threads=args.threads, device=args.device)
+        items, gids = [{"prompt": p} for p in prompts], torch.arange(len(prompts))
+
+        def run_worker():
+            ro = worker.generate(items, gids, seed=0)
+            assert ro.images.shape[0] == len(prompts) and ro.log_probs.shape == (len(prompts), args.steps)
+
+        def run_pipeline_decode():
+            pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.cfg, output_type="pt",
+                 generator=torch.Generator(dev).manual_seed(0))
+
         runs = {"pipeline": run_pipeline, "rlgen (cold)": lambda: run_rlgen(True),
-                "rlgen (cached)": lambda: run_rlgen(False)}
+                "rlgen (cached)": lambda: run_rlgen(False), "pipeline + decode": run_pipeline_decode,
+                "worker step": run_worker}
         times = {k: [] for k in runs}
         for fn in runs.values():  # warm-up (allocator, first-call costs)
             fn()
@@ -99,6 +120,10 @@ def main() -> None:
         print(f"  {k:16s} {v * 1000:8.1f} ms")
     print(f"  rlgen SDE + log-probs (cold cache) / pipeline: {med['rlgen (cold)'] / med['pipeline']:.3f}x")
     print(f"  rlgen SDE + log-probs (cached)     / pipeline: {med['rlgen (cached)'] / med['pipeline']:.3f}x")
+    print(f"  rollout worker step (decoded, cache warm) / pipeline + decode: "
+          f"{med['worker step'] / med['pipeline + decode']:.3f}x; the worker encoded "
+          f"{worker.policy.cache_misses} distinct prompts over {1 + args.repeats} steps "
+          f"({worker.policy.cache_hits} cache hits)")
     print(f"  prompt encoding (B prompts + uncond): {statistics.median(encode) * 1000:.1f} ms; the cache saves "
           f"{1 - med['rlgen (cached)'] / med['rlgen (cold)']:.1%} of a rollout iteration "
           f"(cold / cached = {med['rlgen (cold)'] / med['rlgen (cached)']:.3f}x)")

@@ -115,17 +115,24 @@ def build(args) -> dict:
     """Sample, score, select and write; returns the statistics also written to build.json."""
     from rewards.base import RewardMixer
     from rlgen.models import load_model
-    from rlgen.models.flow import FlowPolicy
     from rlgen.utils import resolve_device, set_threads
 
     set_threads(args.threads)
-    model = load_model(args.checkpoint, device=str(resolve_device(args.device))).eval()
-    text = not isinstance(model, FlowPolicy)
+    # load options of the policy (a pipeline's resolution …), as train_rl.py's policy.options give them
+    options = dict(getattr(args, "options", None) or {})
+    if getattr(args, "resolution", None):
+        options["resolution"] = args.resolution
+    if getattr(args, "dtype", None):
+        options["dtype"] = getattr(torch, args.dtype)
+    model = load_model(args.checkpoint, device=str(resolve_device(args.device)), **options).eval()
+    text = getattr(model, "family", None) != "flow"  # rlgen's pixel models and diffusers pipelines sample images
     items = read_prompts(args.prompts, text, args.seed)
     k = args.samples_per_prompt
     if k < 2:
         raise ValueError(f"--samples-per-prompt must be >= 2 to form pairs, got {k}")
-    mixer = RewardMixer(_parse_rewards(args.reward))
+    weights = _parse_rewards(args.reward)  # constructor kwargs (a reward model's device …): train_rl's reward_kwargs
+    kwargs = {k: v for k, v in (getattr(args, "reward_kwargs", None) or {}).items() if k in weights}
+    mixer = RewardMixer({"rewards": weights, "reward_kwargs": kwargs})
     if text:
         from rlgen.data.text_tasks import get_task
 
@@ -217,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--sheet-pairs", type=int, default=16, help="pairs shown on the contact sheet")
     b.add_argument("--device", default="auto")
+    b.add_argument("--resolution", type=int, default=None, help="pipelines: image side in pixels")
+    b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights and compute")
     b.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     b.add_argument("--progress", action="store_true")
     c = sub.add_parser("check", help="validate a pairs file and print what would be trained on")

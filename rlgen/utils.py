@@ -17,6 +17,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def compute_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """The dtype a policy holds its weights and computes in: ``name`` (float32 | bfloat16 | float16) on
+    CUDA, float32 on CPU (``policy.dtype`` is a GPU setting; CPU kernels in half precision are slow)."""
+    return getattr(torch, name) if torch.device(device).type == "cuda" else torch.float32
+
+
 def derive_seed(*parts: int) -> int:
     """A seed that is a pure function of ``parts`` (e.g. run seed, iteration, worker): a resumed run
     draws exactly what the uninterrupted one drew, with no generator state to checkpoint."""

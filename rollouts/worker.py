@@ -14,15 +14,19 @@ import torch
 
 class RolloutWorker:
     def __init__(self, policy_path: str, load_options: dict, rollout_cfg, lora=None, num_threads: int = 1,
-                 device: str = "auto", worker_index: int = 0):
+                 device: str = "auto", worker_index: int = 0, dtype: str = "float32"):
         import rlgen  # noqa: F401  (torchvision compatibility in this process)
         from rlgen.families import family_of
         from rlgen.models import load_model
-        from rlgen.utils import resolve_device, set_threads
+        from rlgen.utils import compute_dtype, resolve_device, set_threads
 
         set_threads(num_threads)
         self.index, self.cfg, self.load_options = worker_index, rollout_cfg, dict(load_options)
         self.device = str(resolve_device(device))
+        # policy.dtype on CUDA: weights (a pipeline's VAE and text encoders too) loaded in it, not cast after
+        dt = compute_dtype(dtype, self.device)
+        if dt != torch.float32:
+            self.load_options["dtype"] = dt
         self.policy = load_model(policy_path, device=self.device, **self.load_options).eval()
         self.family = family_of(self.policy)
         # Under LoRA the learner syncs only the adapter: hold the same adapter, so its weights load

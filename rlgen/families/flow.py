@@ -24,7 +24,9 @@ class ImageRolloutConfig:
     num_steps: int = 10            # denoising steps in training rollouts
     noise_level: float = 0.7       # SDE noise a: std_σ = a·sqrt(σ/(1−σ))
     cfg_scale: float = 1.0         # CFG during rollouts (1 = off: one forward per step)
-    shift: float = 1.0             # SD3 σ-schedule shift (0 = the model's own default)
+    # σ-schedule shift; 0 = the model's own: 1.0 (uniform) for rlgen's pixel models, the scheduler's for a
+    # pipeline (SD3.5: 3.0; FLUX: its resolution-dependent shift). A value > 0 replaces it (SD3's static shift).
+    shift: float = 0.0
     sde_window: int = 0            # 0: every step stochastic; k > 0: only k consecutive steps are SDE,
                                    # the rest ODE (Flow-GRPO-Fast / MixGRPO)
     sde_window_start: int = -1     # -1: the window starts at a random step per rollout; s >= 0: always at
@@ -108,7 +110,13 @@ class FlowFamily(Family):
         if not hasattr(policy, "add_lora"):  # rlgen's pixel models: peft on the backbone
             return super().add_lora(policy, lora)
         # a diffusers pipeline: its adapter in the format `pipe.load_lora_weights` reads
-        policy.add_lora(lora.rank, lora.alpha or lora.rank, list(lora.targets) or None)
+        if getattr(policy, "has_lora", False):  # started from a post-trained LoRA checkpoint: train that adapter on
+            have = policy.transformer.peft_config["default"].r
+            if have != lora.rank:
+                raise ValueError(f"policy.lora.rank={lora.rank}, but the checkpoint holds a rank-{have} LoRA adapter "
+                                 f"(on {policy.base}); set policy.lora.rank={have} to continue training it")
+        else:
+            policy.add_lora(lora.rank, lora.alpha or lora.rank, list(lora.targets) or None)
         policy.requires_grad_(False)
         for name, p in policy.named_parameters():
             p.requires_grad_("lora_" in name)

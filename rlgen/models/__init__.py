@@ -97,11 +97,14 @@ def load_model(path: str | Path, device: str = "cpu", dtype=None, trust_remote_c
         refuse_remote_code(ckpt)  # a folder never switches its own code on
     accepted = inspect.signature(cls.from_pretrained).parameters
     takes_all = any(v.kind is inspect.Parameter.VAR_KEYWORD for v in accepted.values())
+    # a model class without a dtype argument (rlgen's small models) is loaded, then cast
+    cast = given.pop("dtype", None) if "dtype" not in accepted and not takes_all else None
     extra = sorted(k for k in given if k not in accepted and not takes_all)
     if extra:
         raise ModelLoadError(f"{ckpt}: options {extra} do not apply to a {meta['model_type']!r} model")
     try:
-        return cls.from_pretrained(ckpt, device=device, **given)
+        model = cls.from_pretrained(ckpt, device=device, **given)
+        return model.to(cast) if cast is not None else model
     except ModelLoadError:
         raise
     except Exception as e:  # safetensors, transformers and diffusers raise many types for a bad file
@@ -140,6 +143,15 @@ def _load_foreign(spec, device: str, options: dict):
         raise ModelLoadError(f"{folder}: cannot load as a masked-diffusion LM: {type(e).__name__}: {e}") from e
 
 
+def check_load_options(kind: str, options: dict, where: str) -> None:
+    """Refuse ``options`` the loader of a folder of ``kind`` ("diffusers": a pipeline) does not take, as
+    one line naming them and the valid ones, before any actor loads the weights."""
+    if kind == "diffusers":
+        from rlgen.models.diffusers_flow import check_options
+
+        check_options(options, where)
+
+
 def detect_family(path: str | Path) -> str:
     """The model family of a folder, from its metadata files alone (no weights are read): an rlgen
     checkpoint names its model type; a diffusers pipeline folder is a flow model; a Hugging Face
@@ -148,6 +160,13 @@ def detect_family(path: str | Path) -> str:
     from rlgen.runtime.rundir import CheckpointError, resolve_checkpoint
 
     p = Path(path)
+    if not p.exists():  # a Hub id: its files in the local cache (rlgen.models.sources)
+        from rlgen.models.sources import resolve_source
+
+        src = resolve_source(str(path))
+        if src.kind != "rlgen":
+            return "flow" if src.kind == "diffusers" else "masked_lm"
+        p = src.path
     if p.is_dir() and not (p / MODEL_META).is_file() and not (p / "checkpoints").is_dir():
         if (p / "model_index.json").is_file():
             return "flow"

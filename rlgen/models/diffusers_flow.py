@@ -90,6 +90,7 @@ class DiffusersFlowPolicy(nn.Module):
         """Load a diffusers pipeline folder (``model_index.json``) with its adapter."""
         from rlgen.models.pipelines import adapter_for
 
+        check_options(options, str(path))
         path = Path(path)
         index = _read_model_index(path)
         adapter_cls = adapter_for(index.get("_class_name", "?"), str(path / "model_index.json"))
@@ -331,6 +332,18 @@ class DiffusersFlowPolicy(nn.Module):
             yield self
         finally:
             self.transformer.enable_adapters()
+
+
+# ``policy.options`` of a pipeline (train_rl.py) = the keyword arguments of ``load_model`` besides dtype
+PIPELINE_OPTIONS = ("resolution", "max_sequence_length", "prompt_cache_size", "cfg_detach_uncond")
+
+
+def check_options(options: dict, where: str) -> None:
+    """A misspelt pipeline option is one line naming it and the valid ones (before any weights load)."""
+    bad = sorted(set(options) - set(PIPELINE_OPTIONS))
+    if bad:
+        raise ModelLoadError(f"{where}: option(s) {bad} do not apply to a diffusers pipeline (policy.options); "
+                             f"valid: {', '.join(PIPELINE_OPTIONS)}")
 
 
 def _read_model_index(path: Path) -> dict:

@@ -108,6 +108,7 @@ class ResourcesConfig:
     rollout_gpus: float = 0.0
     reward_workers: int = 1
     reward_cpus: float = 0.5
+    reward_gpus: float = 0.0          # a reward model on the GPU (PickScore, HPSv2: reward_kwargs {name: {device: cuda}})
     learner_cpus: float = 1.0
     learner_gpus: float = 0.0
     # torch threads per actor; 0 = its CPU count. The synchronous pipeline runs rollouts and
@@ -123,7 +124,7 @@ class ResourcesConfig:
     def __post_init__(self):
         for name in ("rollout_workers", "reward_workers"):
             check_range(self, name, lo=1)
-        for name in ("rollout_cpus", "reward_cpus", "learner_cpus", "rollout_gpus", "learner_gpus",
+        for name in ("rollout_cpus", "reward_cpus", "learner_cpus", "rollout_gpus", "reward_gpus", "learner_gpus",
                      "rollout_threads", "learner_threads"):
             check_range(self, name, lo=0)
 

@@ -56,8 +56,14 @@ def load_teacher(spec: TeacherSpec, device, dtype, load_options: dict):
         return VLLMTeacher(spec.path)
     from rlgen.models import load_model
 
-    model = load_model(spec.path, device=str(device), **load_options)
+    model = load_model(spec.path, device=str(device), **with_dtype(load_options, dtype))
     return model.to(dtype).requires_grad_(False).eval()
+
+
+def with_dtype(load_options: dict, dtype: torch.dtype) -> dict:
+    """``load_model`` options that load the weights in ``dtype`` (not in float32 and cast after: a
+    pipeline's frozen encoders would briefly need twice the memory)."""
+    return {**load_options, "dtype": dtype} if dtype != torch.float32 else dict(load_options)
 
 
 class Learner:
@@ -74,7 +80,8 @@ class Learner:
         self.strategy.init_distributed(master_addr, master_port)
         torch.manual_seed(spec.seed)  # LoRA's random A init must agree across ranks
         dev, dtype = self.strategy.device, self.strategy.dtype
-        policy = load_model(spec.policy_path, device=str(dev), **spec.load_options).to(dtype)
+        # loaded in the compute dtype (a pipeline's frozen encoders too); DeepSpeed keeps fp32 masters of what trains
+        policy = load_model(spec.policy_path, device=str(dev), **with_dtype(spec.load_options, dtype)).to(dtype)
         self.family = family_of(policy)
         self.algo = get_algorithm(spec.algo_cfg.name)(spec.algo_cfg)
         self.ref_policy = None

@@ -16,14 +16,43 @@ def base_checkpoint(policy_cfg) -> Path:
     from rlgen.runtime.rundir import resolve_checkpoint
 
     p = Path(policy_cfg.checkpoint)
+    if not p.exists() and not policy_cfg.pretrain_config and hub_id(policy_cfg.checkpoint):
+        return hub_base(policy_cfg)
     if not p.exists():
         if not policy_cfg.pretrain_config:
             raise ConfigError(f"policy.checkpoint: {p} not found (give an existing checkpoint, run, diffusers or "
-                              f"Hugging Face folder; or set policy.pretrain_config to pretrain a missing base)")
+                              f"Hugging Face folder, or a Hub id; or set policy.pretrain_config to pretrain a "
+                              f"missing base)")
         pretrain_base(p, policy_cfg.pretrain_config, policy_cfg.pretrain_overrides)
-    if (p / "model_index.json").is_file() or (p / "config.json").is_file() and not (p / "rlgen_model.json").is_file():
-        return p  # a diffusers pipeline or Hugging Face model folder
+    if (p / "model_index.json").is_file():  # a diffusers pipeline: its options are checked before any actor loads it
+        from rlgen.models import check_load_options
+
+        check_load_options("diffusers", policy_cfg.options, str(p))
+        return p
+    if (p / "config.json").is_file() and not (p / "rlgen_model.json").is_file():
+        return p  # a Hugging Face model folder
     return resolve_checkpoint(p)
+
+
+def hub_id(spec: str) -> bool:
+    from rlgen.models.sources import _HUB_ID
+
+    return bool(_HUB_ID.match(spec))
+
+
+def hub_base(policy_cfg) -> Path:
+    """A Hub id as the starting policy: fetched into the local cache now (where a network exists), so the
+    actors (on nodes sharing that cache) load it from there. The id itself is what they get, and what
+    checkpoints record as their base: portable, unlike a cache path."""
+    from rlgen.models import ModelLoadError, check_load_options
+    from rlgen.models.sources import resolve_source
+
+    try:
+        src = resolve_source(policy_cfg.checkpoint)
+    except ModelLoadError as e:
+        raise ConfigError(f"policy.checkpoint: {e}") from None
+    check_load_options(src.kind, policy_cfg.options, policy_cfg.checkpoint)
+    return Path(policy_cfg.checkpoint)
 
 
 def pretrain_base(p: Path, config: str, overrides: list[str]) -> None:
@@ -44,6 +73,23 @@ def policy_family(base: Path, algo) -> str:
         raise ConfigError(f"policy.checkpoint: {base} holds a {family} model, but algo.name={algo.name} trains "
                           f"{algo.family} models")
     return family
+
+
+def precision_note(cfg) -> str | None:
+    """``policy.dtype`` is a CUDA setting: the one line saying which roles of this job compute in float32
+    instead (no GPU: CPU kernels in half precision are slow and CPU training is the test bed)."""
+    c, r = cfg, cfg.resources
+    if c.policy.dtype == "float32":
+        return None
+    roles = (("rollout workers", r.rollout_gpus, c.run.device), ("learners", r.learner_gpus, ""))
+    cpu = [role for role, gpus, dev in roles if gpus == 0 or dev == "cpu"]
+    if c.policy.dtype == "float16" and "learners" not in cpu:
+        return ("policy.dtype=float16: rollout workers sample in float16, learners train in float32 (use bfloat16 "
+                "for bf16 compute with fp32 master weights in DeepSpeed)")
+    if cpu:
+        return (f"policy.dtype={c.policy.dtype} applies on CUDA only: this job's {' and '.join(cpu)} have no GPU "
+                f"(resources.*_gpus=0 or run.device=cpu) and compute in float32")
+    return None
 
 
 def check_eval_files(e) -> None:
@@ -145,7 +191,8 @@ def _build_pairs(cfg, base: Path, p: Path) -> None:
         checkpoint=str(base), reward=[f"{k}={v}" for k, v in b.rewards.items()], prompts=b.prompts,
         samples_per_prompt=b.samples_per_prompt, out=str(out), strategy=b.strategy, margin=b.margin, seed=b.seed,
         num_steps=b.num_steps, cfg=b.cfg, noise_level=b.noise_level, temperature=b.temperature, batch_size=64,
-        sheet_pairs=16, device=cfg.run.device, threads=cfg.run.num_threads, progress=cfg.run.progress))
+        sheet_pairs=16, device=cfg.run.device, threads=cfg.run.num_threads, progress=cfg.run.progress,
+        options=cfg.policy.load_options(), reward_kwargs=dict(cfg.reward_kwargs)))
 
 
 def check_teacher(algo, base: Path) -> None:

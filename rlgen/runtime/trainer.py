@@ -66,10 +66,12 @@ class Trainer:
         from rlgen.evaluate import check_options
         from rlgen.families import get_family
         from rlgen.runtime.setup import (base_checkpoint, check_eval_files, check_resume, check_teacher,
-                                         policy_family)
+                                         policy_family, precision_note)
 
         c = self.cfg
         self.algo.check_job(c)
+        if note := precision_note(c):
+            print(f"[rlgen] {note}")
         base = base_checkpoint(c.policy)
         family = policy_family(base, self.algo)
         check_teacher(self.algo, base)
@@ -102,7 +104,7 @@ class Trainer:
                                     + n * r.learner_cpus)
         # Ray queues an impossible request forever; refuse it with the numbers instead.
         check_feasible([{"CPU": r.rollout_cpus, "GPU": r.rollout_gpus, **r.rollout_resources}] * r.rollout_workers
-                       + [{"CPU": r.reward_cpus, **r.reward_resources}] * reward_workers
+                       + [{"CPU": r.reward_cpus, "GPU": r.reward_gpus, **r.reward_resources}] * reward_workers
                        + [{"CPU": r.learner_cpus, "GPU": r.learner_gpus, **r.learner_resources}] * n,
                        "rollout, reward and learner actors")
         self.workers = Workers(c, str(base), self.modality, self.online)

@@ -44,9 +44,9 @@ class Workers:
                            resources=dict(r.rollout_resources) or None)(RolloutWorker)
         lora = c.policy.lora if c.policy.lora.enabled else None
         self.rollout_workers = [actor.remote(str(policy_path), c.policy.load_options(), c.rollout, lora, threads,
-                                             c.run.device, i) for i in range(r.rollout_workers)]
-        self.reward_workers = [make_reward_worker(c.rewards_config(), num_cpus=r.reward_cpus, max_restarts=2,
-                                                  resources=dict(r.reward_resources) or None)
+                                             c.run.device, i, c.policy.dtype) for i in range(r.rollout_workers)]
+        self.reward_workers = [make_reward_worker(c.rewards_config(), num_cpus=r.reward_cpus, num_gpus=r.reward_gpus,
+                                                  max_restarts=2, resources=dict(r.reward_resources) or None)
                                for _ in range(r.reward_workers if online else 0)]
         ray.get([w.get_version.remote() for w in self.rollout_workers])  # fail fast if a worker cannot start
 
