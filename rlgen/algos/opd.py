@@ -32,7 +32,7 @@ import torch
 from rlgen.algos.advantages import group_advantages
 from rlgen.algos.base import Accumulator, AlgoConfig, Algorithm, LearnerContext, TeacherSpec, register_algorithm
 from rlgen.algos.flow_grpo import FlowGRPO, FlowGRPOConfig, kl_to_ref, reduce_over_dims, step_loss
-from rlgen.algos.mdm_grpo import plan_logprobs, trajectory_plan
+from rlgen.algos.mdm_grpo import banned_ids, plan_logprobs, trajectory_plan
 from rlgen.batches import TextRollout
 from rlgen.config import FieldError, check_choice, check_range
 from rlgen.samplers.flow import sde_step
@@ -238,6 +238,11 @@ class MDMOPD(Algorithm):
     def uses_reference(self, lora: bool) -> bool:
         return False
 
+    def check_job(self, job) -> None:
+        from rlgen.families.masked_lm import check_masked_lm_job
+
+        check_masked_lm_job(job)
+
     def setup(self, ctx: LearnerContext) -> None:
         t, s = ctx.teacher, ctx.policy
         if self.cfg.teacher_kind == "vllm":
@@ -270,7 +275,7 @@ class MDMOPD(Algorithm):
         return out
 
     def _row_loss(self, ctx, batch, b, t: dict, lo: int, hi: int) -> tuple[torch.Tensor, dict]:
-        a, P, banned = self.cfg, b.prompt_length, (ctx.policy.mask_id, ctx.policy.pad_id)
+        a, P, banned = self.cfg, b.prompt_length, banned_ids(ctx.policy)
         rows = torch.zeros(hi - lo, device=ctx.device)
         m = {}
         if a.teacher_kind == "mdm":

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from rlgen.algos.base import Accumulator, AlgoConfig, Algorithm, LearnerContext, register_algorithm
 from rlgen.batches import TextPairs, row_generator
 from rlgen.config import check_choice, check_range
-from rlgen.samplers.likelihood import ALLOCATIONS, FORMS, MaskPlan, elbo_from_plan, make_mask_plan
+from rlgen.samplers.likelihood import (ALLOCATIONS, FORMS, MaskPlan, elbo_from_plan, make_block_mask_plan,
+                                      make_mask_plan)
 
 
 @dataclass
@@ -131,10 +132,18 @@ def preference_score(policy, ref, prompt_ids, chosen_ids, rejected_ids, mask_id:
     return cfg.beta * ((e_w - r_w) - (e_l - r_l))
 
 
-def pair_plans(rows: torch.Tensor, seed: int, answer_len: int, cfg: VRPOConfig, device=None) -> tuple[MaskPlan, MaskPlan]:
+def pair_plans(rows: torch.Tensor, seed: int, answer_len: int, cfg: VRPOConfig, device=None,
+               prompt_len: int = 0, block_size: int | None = None) -> tuple[MaskPlan, MaskPlan]:
     """(policy plan, reference plan) over 2B rows (chosen rows, then rejected rows), each pair drawn
-    from its own generator (seed, row id): the same draws on whichever rank the pair lands."""
+    from its own generator (seed, row id): the same draws on whichever rank the pair lands.
+
+    ``block_size`` (a block-causal policy): the block-diffusion ELBO's draws instead
+    (``make_block_mask_plan``: one block per sample, earlier blocks clean, as the block sampler
+    conditions), blocks aligned to position 0 of prompt (``prompt_len`` tokens) + answer."""
     def draw(gen):
+        if block_size is not None:
+            return make_block_mask_plan(2, prompt_len, answer_len, block_size, cfg.n_samples, gen,
+                                        allocation=cfg.allocation)
         return make_mask_plan(2, answer_len, cfg.n_samples, gen, form=cfg.form, allocation=cfg.allocation)
 
     pol, ref = [], []
@@ -163,8 +172,17 @@ class VRPO(Algorithm):
     def uses_reference(self, lora: bool) -> bool:
         return True
 
+    def check_job(self, job) -> None:
+        from rlgen.families.masked_lm import check_masked_lm_job
+
+        conv = check_masked_lm_job(job)
+        if conv is not None and conv.attention == "block_causal" and self.cfg.form != "l":
+            raise ValueError(f"algo.form={self.cfg.form}: a block-causal policy's ELBO is the per-block l-form "
+                             f"(make_block_mask_plan); use algo.form=l")
+
     def update(self, ctx: LearnerContext, batch: TextPairs) -> dict:
         dev, policy = ctx.device, ctx.policy
+        block = getattr(policy, "block_size", None)  # set for block-causal policies only
         acc = Accumulator()
         policy.train()
         for b in batch.buckets:
@@ -172,7 +190,8 @@ class VRPO(Algorithm):
             for lo in range(0, len(b), chunk):
                 hi = min(lo + chunk, len(b))
                 w, l = b.chosen_ids[lo:hi].to(dev), b.rejected_ids[lo:hi].to(dev)  # (b, L)
-                plans = pair_plans(b.rows[lo:hi], batch.seed, w.shape[1], self.cfg, dev)
+                plans = pair_plans(b.rows[lo:hi], batch.seed, w.shape[1], self.cfg, dev, b.prompt_ids.shape[1],
+                                   block)
                 with ctx.reference() as ref:
                     e_w, e_l, r_w, r_l = preference_elbos(ctx.engine, ref, b.prompt_ids[lo:hi].to(dev), w, l,
                                                           policy.mask_id, self.cfg, plans=plans)
