@@ -120,6 +120,15 @@ def preference_elbos(policy, ref, prompt_ids: torch.Tensor, chosen_ids: torch.Te
     return e_w, e_l, r_w, r_l
 
 
+def pair_elbos(model, prompt_ids, chosen_ids, rejected_ids, plan: MaskPlan, mask_id: int,
+               samples_per_forward: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B_w, B_l), each (B,): one model's ELBOs of chosen and rejected answers on ``plan`` (over the 2B
+    rows, chosen first), in one forward batch."""
+    prompts = torch.cat([prompt_ids, prompt_ids])  # (2B, P)
+    answers = torch.cat([chosen_ids, rejected_ids])  # (2B, L)
+    return elbo_from_plan(model, prompts, answers, plan, mask_id, samples_per_forward=samples_per_forward).chunk(2)
+
+
 def preference_score(policy, ref, prompt_ids, chosen_ids, rejected_ids, mask_id: int, cfg: VRPOConfig,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """(B,) one estimate of the preference score ``β·((B_θw − B_rw) − (B_θl − B_rl))`` (no grad).
@@ -192,9 +201,11 @@ class VRPO(Algorithm):
                 w, l = b.chosen_ids[lo:hi].to(dev), b.rejected_ids[lo:hi].to(dev)  # (b, L)
                 plans = pair_plans(b.rows[lo:hi], batch.seed, w.shape[1], self.cfg, dev, b.prompt_ids.shape[1],
                                    block)
-                with ctx.reference() as ref:
-                    e_w, e_l, r_w, r_l = preference_elbos(ctx.engine, ref, b.prompt_ids[lo:hi].to(dev), w, l,
-                                                          policy.mask_id, self.cfg, plans=plans)
+                prompt, spf = b.prompt_ids[lo:hi].to(dev), self.cfg.samples_per_forward or None
+                # the reference first, on its own: under LoRA it is the policy with its adapter disabled
+                with torch.no_grad(), ctx.reference() as ref:
+                    r_w, r_l = pair_elbos(ref, prompt, w, l, plans[1], policy.mask_id, spf)
+                e_w, e_l = pair_elbos(ctx.engine, prompt, w, l, plans[0], policy.mask_id, spf)
                 rows, m = dpo_loss(e_w, e_l, r_w, r_l, self.cfg.beta, reduction="none")
                 wt = b.weight[lo:hi].to(dev)
                 ctx.engine.backward((rows * wt).sum() / batch.global_size)
