@@ -41,7 +41,7 @@ class TextDataError(ValueError):
 class TextDatasetConfig:
     """``prompts.dataset:`` of a text RL job (``prompts.source: dataset``): the rows prompts come from."""
 
-    path: str = ""  # file, folder, or Hub dataset id
+    path: str = ""  # file, folder, or Hub dataset id (required)
     split: str = "train"
     name: str | None = None  # a Hub dataset's configuration (e.g. gsm8k's "main")
     prompt_column: str = "prompt"
@@ -55,8 +55,6 @@ class TextDatasetConfig:
     def __post_init__(self):
         from rlgen.config import FieldError
 
-        if not self.path:
-            raise FieldError("path", "is required (a JSONL/parquet file, a datasets folder or a Hub id)")
         if self.gen_length <= 0:
             raise FieldError("gen_length", f"must be > 0, got {self.gen_length}")
         if self.limit is not None and self.limit <= 0:
@@ -150,6 +148,8 @@ def _read_datasets(spec: str, split: str, name: str | None) -> list[dict]:
 
 
 def read_rows(cfg: TextDatasetConfig) -> list[dict]:
+    if not cfg.path:
+        raise TextDataError("prompts.dataset.path is required (a JSONL/parquet file, a datasets folder or a Hub id)")
     p = Path(cfg.path).expanduser()
     rows = _read_file(p) if p.is_file() else _read_datasets(cfg.path, cfg.split, cfg.name)
     if cfg.limit is not None:

@@ -7,6 +7,7 @@ rlgen/models/masked_lm.py). Rollouts expand every prompt item G times, decode ea
 """
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,9 +117,14 @@ def check_masked_lm_job(job) -> Conventions | None:
     code): rollout blocks of a block-causal policy, a dataset's columns and chat template. Returns the
     policy's conventions (None when the folder is not there yet or not a masked LM: set-up names it)."""
     from rlgen.models import ModelLoadError
-    from rlgen.models.hf_lm import read_conventions
+    from rlgen.models.hf_lm import check_remote_code, read_conventions
 
     folder = policy_folder(job.policy)
+    if folder is not None:  # the folder's own code (or a LoRA checkpoint's base's) needs the caller's flag
+        base = Path(json.loads((folder / "rlgen_model.json").read_text()).get("lora_base") or folder) \
+            if (folder / "rlgen_model.json").is_file() else folder
+        for f in {folder, base} if base.is_dir() else {folder}:
+            check_remote_code(f, job.policy.trust_remote_code)
     try:
         conv = read_conventions(folder, **job.policy.load_options()) if folder is not None else None
     except ModelLoadError:

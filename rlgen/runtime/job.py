@@ -70,15 +70,16 @@ class PromptsConfig:
     group_size: int = 8               # samples per prompt (G)
     # source=dataset: a text dataset (JSONL/parquet/datasets folder/Hub id) whose other columns reach
     # the rewards as keyword arguments (rlgen.data.text_dataset.TextDatasetConfig)
-    dataset: TextDatasetConfig | None = None
+    dataset: TextDatasetConfig = field(default_factory=TextDatasetConfig)
 
     def __post_init__(self):
         check_range(self, "per_step", lo=1)
         check_range(self, "group_size", lo=1)
-        if (self.source == "dataset") != (self.dataset is not None):
-            raise FieldError("dataset" if self.source == "dataset" else "source",
-                             "prompts.source=dataset and a prompts.dataset section go together (prompts.dataset.path"
-                             f"=<file or Hub id>), got source={self.source!r}")
+        if self.source == "dataset" and not self.dataset.path:
+            raise FieldError("dataset.path", "is required when prompts.source=dataset (a JSONL/parquet file, a datasets "
+                                             "folder or a Hub id)")
+        if self.source != "dataset" and self.dataset.path:
+            raise FieldError("source", f"must be 'dataset' when prompts.dataset.path is set, got {self.source!r}")
 
 
 @dataclass
