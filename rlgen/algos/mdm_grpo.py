@@ -140,13 +140,13 @@ def plan_logprobs(model, plan: ScorePlan, tokens: torch.Tensor, banned_ids=()) -
     """
     n, B, L = plan.inputs.shape
     P = plan.prompt_length
-    logits = model_logits(model, plan.inputs.reshape(n * B, L))[:, P:]
-    logits = logits.float().reshape(n, B, L - P, -1)  # (n, B, G, V)
-    if len(banned_ids):
-        logits = logits.index_fill(-1, torch.tensor(sorted(set(banned_ids)), device=logits.device), float("-inf"))
+    logits = model_logits(model, plan.inputs.reshape(n * B, L))[:, P:].reshape(n, B, L - P, -1)  # (n, B, G, V)
     target = tokens[:, P:]  # (B, G)
     view = plan.view.clamp_min(0)
-    chosen = logits.gather(0, view[None, :, :, None].expand(1, B, L - P, logits.shape[-1]))[0]  # (B, G, V)
+    # each token's own view first, float32 after: n views of a long trajectory would not fit in float32
+    chosen = logits.gather(0, view[None, :, :, None].expand(1, B, L - P, logits.shape[-1]))[0].float()  # (B, G, V)
+    if len(banned_ids):
+        chosen = chosen.index_fill(-1, torch.tensor(sorted(set(banned_ids)), device=chosen.device), float("-inf"))
     lp = torch.log_softmax(chosen, dim=-1).gather(-1, target[..., None]).squeeze(-1)  # (B, G)
     return torch.where(plan.token_mask, lp, torch.zeros_like(lp))
 

@@ -114,9 +114,9 @@ def policy_folder(policy_cfg) -> Path | None:
 
 def check_masked_lm_job(job) -> Conventions | None:
     """Set-up checks of a masked-LM job that need the policy folder's metadata (never its weights or
-    code): rollout blocks of a block-causal policy, a dataset's columns and chat template. Returns the
-    policy's conventions (None when the folder is not there yet or not a masked LM: set-up names it)."""
-    from rlgen.models import ModelLoadError
+    code): remote code needs the caller's flag, rollout blocks of a block-causal policy, a dataset's columns
+    and chat template. Returns the policy's conventions (None when the folder is not there yet or holds no
+    model metadata: set-up names it)."""
     from rlgen.models.hf_lm import check_remote_code, read_conventions
 
     folder = policy_folder(job.policy)
@@ -125,10 +125,8 @@ def check_masked_lm_job(job) -> Conventions | None:
             if (folder / "rlgen_model.json").is_file() else folder
         for f in {folder, base} if base.is_dir() else {folder}:
             check_remote_code(f, job.policy.trust_remote_code)
-    try:
-        conv = read_conventions(folder, **job.policy.load_options()) if folder is not None else None
-    except ModelLoadError:
-        conv = None
+    has_meta = folder is not None and ((folder / "rlgen_model.json").is_file() or (folder / "config.json").is_file())
+    conv = read_conventions(folder, **job.policy.load_options()) if has_meta else None
     if conv is not None and conv.attention == "block_causal" and job.rollout.block_length not in (0, conv.block_size):
         raise ValueError(f"rollout.block_length={job.rollout.block_length} differs from the block size the policy "
                          f"attends in ({conv.block_size}); a block-causal policy decodes in its own blocks: leave "

@@ -152,7 +152,8 @@ def resolve_conventions(config, options: MaskedLMOptions, saved: dict | None = N
                           for k, v in base.to_dict().items()})
     if conv.attention == "block_causal":
         if conv.block_size is None:
-            raise ModelLoadError("block-causal attention needs a block size: set policy.lm.block_size= (Python: block_size=)")
+            raise ModelLoadError("block-causal attention needs a block size: set policy.lm.block_size= "
+                                 "(Python: block_size=)")
         if conv.attention_mask_format == "2d":  # a 2-D mask cannot say "earlier blocks only"
             conv.attention_mask_format = "additive"
     return conv
@@ -339,5 +340,5 @@ def options_field_names() -> list[str]:
 
 
 __all__ = ["MaskedLMOptions", "ConventionOptions", "LoraOptions", "Conventions", "resolve_conventions",
-           "read_conventions", "token_identity", "resolve_model_path", "check_remote_code", "load_hf_tokenizer", "load_hf_network",
-           "resolve_mask_id", "torch_dtype", "enable_gradient_checkpointing"]
+           "read_conventions", "token_identity", "resolve_model_path", "check_remote_code", "load_hf_tokenizer",
+           "load_hf_network", "resolve_mask_id", "torch_dtype", "enable_gradient_checkpointing"]

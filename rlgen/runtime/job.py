@@ -76,8 +76,8 @@ class PromptsConfig:
         check_range(self, "per_step", lo=1)
         check_range(self, "group_size", lo=1)
         if self.source == "dataset" and not self.dataset.path:
-            raise FieldError("dataset.path", "is required when prompts.source=dataset (a JSONL/parquet file, a datasets "
-                                             "folder or a Hub id)")
+            raise FieldError("dataset.path", "is required when prompts.source=dataset (a JSONL/parquet file, a "
+                                             "datasets folder or a Hub id)")
         if self.source != "dataset" and self.dataset.path:
             raise FieldError("source", f"must be 'dataset' when prompts.dataset.path is set, got {self.source!r}")
 

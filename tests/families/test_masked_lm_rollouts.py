@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("lms")
-    return {"llada2": load_model(build_tiny_llada2(root / "llada2", block_size=4, init_std=0.5), trust_remote_code=True),
+    return {"llada2": load_model(build_tiny_llada2(root / "llada2", block_size=4, init_std=0.5),
+                                 trust_remote_code=True),
             "llada": load_model(build_tiny_llada(root / "llada", init_std=0.5), trust_remote_code=True)}
 
 
