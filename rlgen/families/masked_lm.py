@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from rlgen.algos.mdm_grpo import banned_ids
 from rlgen.batches import TextBucket, TextRollout
 from rlgen.config import check_choice, check_range
-from rlgen.algos.mdm_grpo import banned_ids
 from rlgen.families import Family, register_family
 from rlgen.models.hf_lm import Conventions
 from rlgen.samplers.masked import REMASKING, generate
@@ -117,6 +117,7 @@ def check_masked_lm_job(job) -> Conventions | None:
     code): remote code needs the caller's flag, rollout blocks of a block-causal policy, a dataset's columns
     and chat template. Returns the policy's conventions (None when the folder is not there yet or holds no
     model metadata: set-up names it)."""
+    from rlgen.algos.base import get_algorithm
     from rlgen.models.hf_lm import check_remote_code, read_conventions
 
     folder = policy_folder(job.policy)
@@ -126,13 +127,21 @@ def check_masked_lm_job(job) -> Conventions | None:
         for f in {folder, base} if base.is_dir() else {folder}:
             check_remote_code(f, job.policy.trust_remote_code)
     has_meta = folder is not None and ((folder / "rlgen_model.json").is_file() or (folder / "config.json").is_file())
+    if has_meta and job.policy.mask_token_id is None:
+        from rlgen.models.hf_lm import token_identity
+
+        ident = token_identity(folder)  # None: no tokenizer.json to read (the load names a missing mask)
+        tok_cfg = folder / "tokenizer_config.json"
+        named = tok_cfg.is_file() and bool(json.loads(tok_cfg.read_text()).get("mask_token"))
+        # a tokenizer may add its mask token in its own code (Dream): a named one is resolved at load
+        if ident is not None and ident[1] is None and not named:
+            raise ValueError(f"{folder}: no mask token: the tokenizer has none and config.json has no mask_token_id; "
+                             f"set policy.mask_token_id=<id>")
     conv = read_conventions(folder, **job.policy.load_options()) if has_meta else None
     if conv is not None and conv.attention == "block_causal" and job.rollout.block_length not in (0, conv.block_size):
         raise ValueError(f"rollout.block_length={job.rollout.block_length} differs from the block size the policy "
                          f"attends in ({conv.block_size}); a block-causal policy decodes in its own blocks: leave "
                          f"rollout.block_length=0 (or set policy.lm.block_size)")
-    from rlgen.algos.base import get_algorithm
-
     if get_algorithm(job.algo.name).data == "rollouts":
         from rlgen.runtime.sources import check_text_prompts
 

@@ -269,8 +269,8 @@ def check_remote_code(folder: Path, trust_remote_code: bool) -> None:
     files = remote_code_files(folder)
     if files and not trust_remote_code:
         raise ModelLoadError(f"{folder}: the model ships its own code ({', '.join(files)}; auto_map in its "
-                             f"config) that transformers must run to load it; set policy.trust_remote_code=true "
-                             f"(Python: trust_remote_code=True) if you trust this folder")
+                             f"config) that transformers must run to load it; if you trust this folder, set "
+                             f"policy.trust_remote_code=true (CLIs: --trust-remote-code; Python: trust_remote_code=True)")
 
 
 def load_hf_tokenizer(folder: Path, trust_remote_code: bool):

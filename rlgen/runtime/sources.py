@@ -29,6 +29,7 @@ class PromptSource:
     def __init__(self, cfg, seed: int, modality: str):
         self.cfg, self.seed, self.modality = cfg, seed, modality
         self._lines: list[str] = []
+        self._epoch, self._perm = None, None  # source=dataset: the epoch whose row permutation is held
         text_source = cfg.source not in IMAGE_SOURCES
         if text_source != (modality == "text") and cfg.source != "file":
             kind = "a text task" if text_source else "an image prompt source"
@@ -82,7 +83,6 @@ class PromptSource:
         tasks = self.cfg.tasks or [None]
         return [{"prompt": sample_prompt(rng, tasks[int(rng.integers(len(tasks)))])[0]} for _ in range(n)]
 
-
     def _dataset_rows(self, step: int) -> list[int]:
         """Step k's rows: items (k − 1)·n … k·n − 1 of endless epochs, each a permutation of the rows
         drawn from (seed, epoch): every row once per epoch, and a pure function of (seed, step)."""
@@ -90,7 +90,7 @@ class PromptSource:
         out = []
         for k in range((step - 1) * n, step * n):
             epoch = k // size
-            if getattr(self, "_epoch", None) != epoch:
+            if self._epoch != epoch:  # one permutation held at a time
                 self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch, 13]).permutation(size)
             out.append(int(self._perm[k % size]))
         return out

@@ -150,3 +150,23 @@ def test_bad_text_jobs_are_refused_before_anything_starts(case, extra, message, 
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / case).exists()
+
+
+def test_a_model_without_a_mask_token_names_the_key(lms, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "no_mask"
+    shutil.copytree(lms["llada"], folder)  # LLaDA names its mask only in config.json: drop it
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["mask_token_id"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    config, *args = job_args("llada", "mdm_grpo", lms)
+    argv = ["--config", config, f"run.root={tmp_path}", "run.name=nomask", *COMMON, *args, f"policy.checkpoint={folder}"]
+    assert train_rl.main(argv) == 2
+    assert "no mask token" in capsys.readouterr().err and not (tmp_path / "nomask").exists()
+    from rlgen.config import load_config
+    from rlgen.runtime.trainer import Trainer
+
+    cfg = load_config(config, [f"run.root={tmp_path}", "run.name=nomask", *COMMON, *args, f"policy.checkpoint={folder}",
+                               "policy.mask_token_id=1"])
+    assert Trainer(cfg)._check()[0] == folder  # the key is what the check asked for; nothing started
