@@ -131,7 +131,12 @@ class CodeTests:
                              f"workers ≥ 1 ({workers})")
         self.tests_column, self.timeout_s, self.memory_mb = tests_column, float(timeout_s), int(memory_mb)
         self.partial, self.workers = partial, workers
-        self.required_columns = [tests_column]
+        self.required_columns = self.required_columns_for(tests_column)
+
+    @staticmethod
+    def required_columns_for(tests_column: str = "tests", **_) -> list:
+        """The columns an instance built with these kwargs needs (checked before one is built)."""
+        return [tests_column]
 
     def _score(self, completion, tests) -> float:
         cases = split_tests(tests)

@@ -98,7 +98,12 @@ class MathAnswer:
 
     def __init__(self, answer_column: str | None = None, tolerance: float = 1e-6):
         self.answer_column, self.tolerance = answer_column, float(tolerance)
-        self.required_columns = [answer_column] if answer_column else [("solution", "answer")]
+        self.required_columns = self.required_columns_for(answer_column)
+
+    @staticmethod
+    def required_columns_for(answer_column: str | None = None, **_) -> list:
+        """The columns an instance built with these kwargs needs (checked before one is built)."""
+        return [answer_column] if answer_column else [("solution", "answer")]
 
     def __call__(self, completions, **columns) -> list[float]:
         name = self.answer_column or next((c for c in ("solution", "answer") if c in columns), None)

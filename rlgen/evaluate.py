@@ -76,6 +76,16 @@ def run_benchmark(name: str, req: EvalRequest, policy=None) -> dict:
     return result
 
 
+def model_folder(spec: str | os.PathLike) -> Path:
+    """What ``--checkpoint`` names: a Hugging Face model or diffusers pipeline folder as it is, else an
+    rlgen checkpoint (a run folder → its latest complete checkpoint)."""
+    p = Path(spec)
+    foreign = (p / "config.json").is_file() or (p / "model_index.json").is_file()
+    if p.is_dir() and foreign and not (p / "rlgen_model.json").is_file() and not (p / "checkpoints").is_dir():
+        return p
+    return resolve_checkpoint(p)
+
+
 def _parse_options(items: list[str]) -> dict[str, Any]:
     out = {}
     for item in items:
@@ -109,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {flag} file not found: {p}", file=sys.stderr)
             return 2
     try:
-        ckpt = resolve_checkpoint(args.checkpoint)
+        ckpt = model_folder(args.checkpoint)
         req = EvalRequest(checkpoint=ckpt, prompts=args.prompts, problems=args.problems,
                           samples_per_prompt=args.samples_per_prompt, seed=args.seed, device=args.device,
                           batch_size=args.batch_size, progress=not args.no_progress,

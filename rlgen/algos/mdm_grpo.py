@@ -140,15 +140,21 @@ def plan_logprobs(model, plan: ScorePlan, tokens: torch.Tensor, banned_ids=()) -
     """
     n, B, L = plan.inputs.shape
     P = plan.prompt_length
-    logits = model_logits(model, plan.inputs.reshape(n * B, L))[:, P:]
-    logits = logits.float().reshape(n, B, L - P, -1)  # (n, B, G, V)
-    if len(banned_ids):
-        logits = logits.index_fill(-1, torch.tensor(sorted(set(banned_ids)), device=logits.device), float("-inf"))
+    logits = model_logits(model, plan.inputs.reshape(n * B, L))[:, P:].reshape(n, B, L - P, -1)  # (n, B, G, V)
     target = tokens[:, P:]  # (B, G)
     view = plan.view.clamp_min(0)
-    chosen = logits.gather(0, view[None, :, :, None].expand(1, B, L - P, logits.shape[-1]))[0]  # (B, G, V)
+    # each token's own view first, float32 after: n views of a long trajectory would not fit in float32
+    chosen = logits.gather(0, view[None, :, :, None].expand(1, B, L - P, logits.shape[-1]))[0].float()  # (B, G, V)
+    if len(banned_ids):
+        chosen = chosen.index_fill(-1, torch.tensor(sorted(set(banned_ids)), device=chosen.device), float("-inf"))
     lp = torch.log_softmax(chosen, dim=-1).gather(-1, target[..., None]).squeeze(-1)  # (B, G)
     return torch.where(plan.token_mask, lp, torch.zeros_like(lp))
+
+
+def banned_ids(policy) -> tuple[int, ...]:
+    """The ids the sampler never predicts ([MASK]; [PAD] unless it is end of text): left out of the
+    replayed softmax too, so ``trajectory`` log-probs equal the sampler's."""
+    return tuple(getattr(policy, "forbidden_ids", (policy.mask_id, policy.pad_id)))
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -214,6 +220,14 @@ def plan_rows(plan: ScorePlan, lo: int, hi: int) -> ScorePlan:
     return ScorePlan(plan.inputs[:, lo:hi], plan.view[lo:hi], plan.prompt_length)
 
 
+# d1 and coupled score tokens with earlier answer blocks (partly) masked: a state a block-causal
+# model never conditions on (it decodes block b after blocks < b are final), so their estimates are
+# not log-probs of its sampler; the trajectory replay is exact for it (rlgen/samplers/block.py).
+BLOCK_CAUSAL_ESTIMATOR = ("algo.estimator={estimator} does not estimate a block-causal policy's log-probs (it "
+                          "masks earlier answer blocks, which the block sampler never does); use "
+                          "algo.estimator=trajectory")
+
+
 @register_algorithm("mdm_grpo")
 class MDMGRPO(Algorithm):
     """GRPO for masked-diffusion LMs (d1: Zhao et al. 2025, arXiv:2504.12216; coupled: Gong et al.
@@ -226,6 +240,13 @@ class MDMGRPO(Algorithm):
     config = MDMGRPOConfig
     rollout_fields = ("buckets", "advantages")
 
+    def check_job(self, job) -> None:
+        from rlgen.families.masked_lm import check_masked_lm_job
+
+        conv = check_masked_lm_job(job)
+        if conv is not None and conv.attention == "block_causal" and self.cfg.estimator != "trajectory":
+            raise ValueError(BLOCK_CAUSAL_ESTIMATOR.format(estimator=self.cfg.estimator))
+
     def advantages(self, batch: TextRollout) -> TextRollout:
         batch.advantages = group_advantages(batch.rewards, batch.group_ids)  # (N,)
         if self.cfg.skip_uniform_groups:
@@ -234,7 +255,9 @@ class MDMGRPO(Algorithm):
 
     def update(self, ctx: LearnerContext, batch: TextRollout) -> dict:
         a, policy = self.cfg, ctx.policy
-        dev, banned = ctx.device, (policy.mask_id, policy.pad_id)
+        dev, banned = ctx.device, banned_ids(policy)
+        if getattr(policy, "is_block_causal", False) and a.estimator != "trajectory":
+            raise ValueError(BLOCK_CAUSAL_ESTIMATOR.format(estimator=a.estimator))
         if not batch.buckets:
             return {"kept_frac": 0.0}
         chunk = ctx.micro_batch_size or max(len(b) for b in batch.buckets)

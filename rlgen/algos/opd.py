@@ -19,8 +19,10 @@ Text (masked-diffusion LMs): at every state the student's decoding visited (its 
 prompt + tokens unmasked before step s, the rest [MASK]), the exact per-position reverse KL
 Σ_v p_s(v)·(log p_s(v) − log p_t(v)) over the vocabulary, for each still-masked answer position
 (:func:`token_reverse_kl`). When the teacher only gives log-probs of the student's sampled tokens
-(an autoregressive teacher served by vLLM), a score-function estimator of the whole answer's
-reverse KL (:func:`sequence_kl_loss`).
+(an autoregressive teacher served by vLLM, ``teacher_kind=vllm``; or a model with its own sampler
+and no mask token, such as DiffusionGemma, which scores each answer canvas given the clean prefix,
+``teacher_kind=sequence``), a score-function estimator of the whole answer's reverse KL
+(:func:`sequence_kl_loss`).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch
 from rlgen.algos.advantages import group_advantages
 from rlgen.algos.base import Accumulator, AlgoConfig, Algorithm, LearnerContext, TeacherSpec, register_algorithm
 from rlgen.algos.flow_grpo import FlowGRPO, FlowGRPOConfig, kl_to_ref, reduce_over_dims, step_loss
-from rlgen.algos.mdm_grpo import plan_logprobs, trajectory_plan
+from rlgen.algos.mdm_grpo import banned_ids, plan_logprobs, trajectory_plan
 from rlgen.batches import TextRollout
 from rlgen.config import FieldError, check_choice, check_range
 from rlgen.samplers.flow import sde_step
@@ -110,7 +112,9 @@ class MDMOPDConfig(AlgoConfig):
 
     name: str = "mdm_opd"
     teacher: str = "rlgen/assets/mdm_arith_teacher"  # masked-diffusion checkpoint, or an HF causal-LM folder
-    teacher_kind: str = "mdm"        # mdm: exact reverse KL at each visited state | vllm: AR teacher's token log-probs
+    # mdm: exact reverse KL at each visited state | vllm: an AR teacher's token log-probs (served by vLLM) |
+    # sequence: a loaded teacher's per-token log-probs of the sampled answer (DiffusionGemma: canvas by canvas)
+    teacher_kind: str = "mdm"
     states: str = "trajectory"       # trajectory: every decoding step's state | final: only the all-masked start
     distill_weight: float = 1.0
     reward_weight: float = 0.0       # weight of the GRPO term (group advantages × the trajectory log-prob)
@@ -120,7 +124,7 @@ class MDMOPDConfig(AlgoConfig):
     eval_teacher: bool = True        # score the teacher once at step 0 (masked-diffusion teachers)
 
     def __post_init__(self):
-        check_choice(self, "teacher_kind", ("mdm", "vllm"))
+        check_choice(self, "teacher_kind", ("mdm", "vllm", "sequence"))
         check_choice(self, "states", ("trajectory", "final"))
         check_range(self, "inner_iterations", lo=1)
         check_range(self, "teacher_temperature", lo=0, lo_open=True)
@@ -232,16 +236,27 @@ class MDMOPD(Algorithm):
     min_group_size = 1
 
     def teacher(self) -> TeacherSpec:
-        mdm = self.cfg.teacher_kind == "mdm"
-        return TeacherSpec(self.cfg.teacher, "policy" if mdm else "vllm", {} if mdm and self.cfg.eval_teacher else None)
+        loaded = self.cfg.teacher_kind != "vllm"  # mdm and sequence teachers load like a policy
+        return TeacherSpec(self.cfg.teacher, "policy" if loaded else "vllm",
+                           {} if loaded and self.cfg.eval_teacher else None)
 
     def uses_reference(self, lora: bool) -> bool:
         return False
+
+    def check_job(self, job) -> None:
+        from rlgen.families.masked_lm import check_masked_lm_job
+
+        check_masked_lm_job(job)
 
     def setup(self, ctx: LearnerContext) -> None:
         t, s = ctx.teacher, ctx.policy
         if self.cfg.teacher_kind == "vllm":
             t.check_vocab(len(s.tokenizer.get_vocab()))
+        elif self.cfg.teacher_kind == "sequence":
+            same = getattr(t, "tokenizer", None) is not None and t.tokenizer.get_vocab() == s.tokenizer.get_vocab()
+            if not hasattr(t, "token_logprobs") or not same:
+                raise ValueError(f"teacher {self.cfg.teacher}: algo.teacher_kind=sequence needs a model with "
+                                 f"token_logprobs(prompt_ids, answer_ids) and the student's tokenizer")
         elif t.tokenizer.get_vocab() != s.tokenizer.get_vocab() or t.mask_id != s.mask_id:
             raise ValueError(f"teacher {self.cfg.teacher}: its tokenizer (or mask id) differs from the student's; "
                              f"on-policy distillation compares distributions over the same token ids")
@@ -263,14 +278,16 @@ class MDMOPD(Algorithm):
             n, B, L = states.shape
             t = model_logits(ctx.teacher, states.reshape(n * B, L))[:, P:].float() / a.teacher_temperature
             out.update(states=states, masked=masked, teacher=t.reshape(n, B, L - P, -1))
-        else:
+        elif a.teacher_kind == "vllm":
             out["teacher_lp"] = ctx.teacher.token_logprobs(b.tokens, P).to(dev)  # (B, G)
-        if a.teacher_kind == "vllm" or a.reward_weight > 0:
+        else:  # e.g. DiffusionGemma: each canvas given the clean prefix, as its sampler's last step sees it
+            out["teacher_lp"] = ctx.teacher.token_logprobs(tokens[:, :P], tokens[:, P:]).float()  # (B, G)
+        if a.teacher_kind != "mdm" or a.reward_weight > 0:
             out["plan"] = trajectory_plan(None, tokens, order, P, mask_id)
         return out
 
     def _row_loss(self, ctx, batch, b, t: dict, lo: int, hi: int) -> tuple[torch.Tensor, dict]:
-        a, P, banned = self.cfg, b.prompt_length, (ctx.policy.mask_id, ctx.policy.pad_id)
+        a, P, banned = self.cfg, b.prompt_length, banned_ids(ctx.policy)
         rows = torch.zeros(hi - lo, device=ctx.device)
         m = {}
         if a.teacher_kind == "mdm":
@@ -286,7 +303,7 @@ class MDMOPD(Algorithm):
             plan = t["plan"]
             sub = type(plan)(plan.inputs[:, lo:hi], plan.view[lo:hi], P)
             lp = plan_logprobs(ctx.engine, sub, t["tokens"][lo:hi], banned)  # (B, G) at each decision state
-        if a.teacher_kind == "vllm":
+        if a.teacher_kind != "mdm":
             seq, dm = sequence_kl_loss(lp, t["teacher_lp"][lo:hi], sub.token_mask, reduction="none")
             rows, m = rows + a.distill_weight * seq, {**m, **dm}
         if a.reward_weight > 0:  # REINFORCE with group advantages on the exact trajectory log-prob

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from rlgen.algos.base import Accumulator, AlgoConfig, Algorithm, LearnerContext, register_algorithm
 from rlgen.batches import TextPairs, row_generator
 from rlgen.config import check_choice, check_range
-from rlgen.samplers.likelihood import ALLOCATIONS, FORMS, MaskPlan, elbo_from_plan, make_mask_plan
+from rlgen.samplers.likelihood import (ALLOCATIONS, FORMS, MaskPlan, elbo_from_plan, make_block_mask_plan,
+                                      make_mask_plan)
 
 
 @dataclass
@@ -119,6 +120,15 @@ def preference_elbos(policy, ref, prompt_ids: torch.Tensor, chosen_ids: torch.Te
     return e_w, e_l, r_w, r_l
 
 
+def pair_elbos(model, prompt_ids, chosen_ids, rejected_ids, plan: MaskPlan, mask_id: int,
+               samples_per_forward: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B_w, B_l), each (B,): one model's ELBOs of chosen and rejected answers on ``plan`` (over the 2B
+    rows, chosen first), in one forward batch."""
+    prompts = torch.cat([prompt_ids, prompt_ids])  # (2B, P)
+    answers = torch.cat([chosen_ids, rejected_ids])  # (2B, L)
+    return elbo_from_plan(model, prompts, answers, plan, mask_id, samples_per_forward=samples_per_forward).chunk(2)
+
+
 def preference_score(policy, ref, prompt_ids, chosen_ids, rejected_ids, mask_id: int, cfg: VRPOConfig,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """(B,) one estimate of the preference score ``β·((B_θw − B_rw) − (B_θl − B_rl))`` (no grad).
@@ -131,10 +141,18 @@ def preference_score(policy, ref, prompt_ids, chosen_ids, rejected_ids, mask_id:
     return cfg.beta * ((e_w - r_w) - (e_l - r_l))
 
 
-def pair_plans(rows: torch.Tensor, seed: int, answer_len: int, cfg: VRPOConfig, device=None) -> tuple[MaskPlan, MaskPlan]:
+def pair_plans(rows: torch.Tensor, seed: int, answer_len: int, cfg: VRPOConfig, device=None,
+               prompt_len: int = 0, block_size: int | None = None) -> tuple[MaskPlan, MaskPlan]:
     """(policy plan, reference plan) over 2B rows (chosen rows, then rejected rows), each pair drawn
-    from its own generator (seed, row id): the same draws on whichever rank the pair lands."""
+    from its own generator (seed, row id): the same draws on whichever rank the pair lands.
+
+    ``block_size`` (a block-causal policy): the block-diffusion ELBO's draws instead
+    (``make_block_mask_plan``: one block per sample, earlier blocks clean, as the block sampler
+    conditions), blocks aligned to position 0 of prompt (``prompt_len`` tokens) + answer."""
     def draw(gen):
+        if block_size is not None:
+            return make_block_mask_plan(2, prompt_len, answer_len, block_size, cfg.n_samples, gen,
+                                        allocation=cfg.allocation)
         return make_mask_plan(2, answer_len, cfg.n_samples, gen, form=cfg.form, allocation=cfg.allocation)
 
     pol, ref = [], []
@@ -163,8 +181,17 @@ class VRPO(Algorithm):
     def uses_reference(self, lora: bool) -> bool:
         return True
 
+    def check_job(self, job) -> None:
+        from rlgen.families.masked_lm import check_masked_lm_job
+
+        conv = check_masked_lm_job(job)
+        if conv is not None and conv.attention == "block_causal" and self.cfg.form != "l":
+            raise ValueError(f"algo.form={self.cfg.form}: a block-causal policy's ELBO is the per-block l-form "
+                             f"(make_block_mask_plan); use algo.form=l")
+
     def update(self, ctx: LearnerContext, batch: TextPairs) -> dict:
         dev, policy = ctx.device, ctx.policy
+        block = getattr(policy, "block_size", None)  # set for block-causal policies only
         acc = Accumulator()
         policy.train()
         for b in batch.buckets:
@@ -172,10 +199,13 @@ class VRPO(Algorithm):
             for lo in range(0, len(b), chunk):
                 hi = min(lo + chunk, len(b))
                 w, l = b.chosen_ids[lo:hi].to(dev), b.rejected_ids[lo:hi].to(dev)  # (b, L)
-                plans = pair_plans(b.rows[lo:hi], batch.seed, w.shape[1], self.cfg, dev)
-                with ctx.reference() as ref:
-                    e_w, e_l, r_w, r_l = preference_elbos(ctx.engine, ref, b.prompt_ids[lo:hi].to(dev), w, l,
-                                                          policy.mask_id, self.cfg, plans=plans)
+                plans = pair_plans(b.rows[lo:hi], batch.seed, w.shape[1], self.cfg, dev, b.prompt_ids.shape[1],
+                                   block)
+                prompt, spf = b.prompt_ids[lo:hi].to(dev), self.cfg.samples_per_forward or None
+                # the reference first, on its own: under LoRA it is the policy with its adapter disabled
+                with torch.no_grad(), ctx.reference() as ref:
+                    r_w, r_l = pair_elbos(ref, prompt, w, l, plans[1], policy.mask_id, spf)
+                e_w, e_l = pair_elbos(ctx.engine, prompt, w, l, plans[0], policy.mask_id, spf)
                 rows, m = dpo_loss(e_w, e_l, r_w, r_l, self.cfg.beta, reduction="none")
                 wt = b.weight[lo:hi].to(dev)
                 ctx.engine.backward((rows * wt).sum() / batch.global_size)

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-RESERVED = ("prompt", "prompts", "completions", "samples", "completion_ids")
+RESERVED = ("prompt", "prompts", "completions", "samples", "completion_ids", "messages", "gen_length")
 
 
 class TextDataError(ValueError):
@@ -39,9 +39,9 @@ class TextDataError(ValueError):
 
 @dataclass
 class TextDatasetConfig:
-    """``data:`` for text RL on real datasets."""
+    """``prompts.dataset:`` of a text RL job (``prompts.source: dataset``): the rows prompts come from."""
 
-    path: str = ""  # file, folder, or Hub dataset id
+    path: str = ""  # file, folder, or Hub dataset id (required)
     split: str = "train"
     name: str | None = None  # a Hub dataset's configuration (e.g. gsm8k's "main")
     prompt_column: str = "prompt"
@@ -53,12 +53,12 @@ class TextDatasetConfig:
     limit: int | None = None  # first N rows only
 
     def __post_init__(self):
-        if not self.path:
-            raise TextDataError("data.path is required (a JSONL/parquet file, a datasets folder or a Hub id)")
+        from rlgen.config import FieldError
+
         if self.gen_length <= 0:
-            raise TextDataError(f"data.gen_length must be > 0, got {self.gen_length}")
+            raise FieldError("gen_length", f"must be > 0, got {self.gen_length}")
         if self.limit is not None and self.limit <= 0:
-            raise TextDataError(f"data.limit must be > 0, got {self.limit}")
+            raise FieldError("limit", f"must be > 0, got {self.limit}")
 
 
 @dataclass
@@ -133,7 +133,7 @@ def _read_datasets(spec: str, split: str, name: str | None) -> list[dict]:
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise TextDataError(f"{p}: no split {split!r} (splits: {sorted(ds)}); set data.split=")
+                    raise TextDataError(f"{p}: no split {split!r} (splits: {sorted(ds)}); set prompts.dataset.split=")
                 ds = ds[split]
         else:
             ds = datasets.load_dataset(spec, name, split=split)
@@ -141,19 +141,21 @@ def _read_datasets(spec: str, split: str, name: str | None) -> list[dict]:
         raise
     except Exception as e:  # offline misses raise ConnectionError, FileNotFoundError, DatasetNotFoundError …
         where = "folder" if p.exists() else "Hub dataset id"
-        raise TextDataError(f"data.path {spec!r}: cannot load this {where} (split {split!r}): not a readable "
-                            f"local dataset and not in the local datasets cache (offline?): "
+        raise TextDataError(f"prompts.dataset.path {spec!r}: cannot load this {where} (split {split!r}): not a "
+                            f"readable local dataset and not in the local datasets cache (offline?): "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     return [dict(r) for r in ds]
 
 
 def read_rows(cfg: TextDatasetConfig) -> list[dict]:
+    if not cfg.path:
+        raise TextDataError("prompts.dataset.path is required (a JSONL/parquet file, a datasets folder or a Hub id)")
     p = Path(cfg.path).expanduser()
     rows = _read_file(p) if p.is_file() else _read_datasets(cfg.path, cfg.split, cfg.name)
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
     if not rows:
-        raise TextDataError(f"data.path {cfg.path!r}: no rows")
+        raise TextDataError(f"prompts.dataset.path {cfg.path!r}: no rows")
     return rows
 
 
@@ -165,8 +167,8 @@ def _prompt_text(cfg: TextDatasetConfig, row: dict, i: int) -> str:
         try:
             return cfg.prompt_template.format(**row)
         except KeyError as e:
-            raise TextDataError(f"{cfg.path}: row {i}: data.prompt_template names column {e.args[0]!r}, which "
-                                f"the row lacks (columns: {sorted(row)})") from None
+            raise TextDataError(f"{cfg.path}: row {i}: prompts.dataset.prompt_template names column "
+                                f"{e.args[0]!r}, which the row lacks (columns: {sorted(row)})") from None
     value = row.get(cfg.prompt_column)
     if not isinstance(value, str):
         raise TextDataError(f"{cfg.path}: row {i}: prompt column {cfg.prompt_column!r} must hold text, "
@@ -183,36 +185,45 @@ def apply_chat_template(tokenizer, messages: list[dict]) -> str:
     """The instruct model's own rendering of ``messages``, ending where the assistant's turn begins."""
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise TextDataError(f"data.chat_template=true, but the tokenizer of {name!r} has no chat template (a base "
-                            f"model?); set data.chat_template=false or use an instruct model")
+        raise TextDataError(f"prompts.dataset.chat_template=true, but the tokenizer of {name!r} has no chat template "
+                            f"(a base model?); set prompts.dataset.chat_template=false or use an instruct model")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def load_text_dataset(cfg: TextDatasetConfig, tokenizer=None) -> TextDataset:
-    """Rows → prompt items (see the module docstring); every problem is named with file and row."""
+def load_text_dataset(cfg: TextDatasetConfig, tokenizer=None, *, render_chat: bool = True) -> TextDataset:
+    """Rows → prompt items (see the module docstring); every problem is named with file and row.
+
+    ``render_chat=False`` leaves chat prompts unrendered: each item then carries its ``messages`` and
+    the holder of the policy's tokenizer renders them (``apply_chat_template``; a training job's
+    rollout workers do, so the driver never loads the tokenizer's code).
+    """
     rows = read_rows(cfg)
     if cfg.prompt_template is None and cfg.prompt_column not in rows[0]:
-        raise TextDataError(f"data.path {cfg.path!r} has no prompt column {cfg.prompt_column!r} (columns: "
-                            f"{sorted(rows[0])}); set data.prompt_column=")
-    if cfg.chat_template and tokenizer is None:
-        raise TextDataError("data.chat_template=true needs the policy's tokenizer")
+        raise TextDataError(f"prompts.dataset.path {cfg.path!r} has no prompt column {cfg.prompt_column!r} "
+                            f"(columns: {sorted(rows[0])}); set prompts.dataset.prompt_column=")
+    if cfg.chat_template and render_chat and tokenizer is None:
+        raise TextDataError("prompts.dataset.chat_template=true needs the policy's tokenizer")
     columns = cfg.columns if cfg.columns is not None else [c for c in rows[0] if c != cfg.prompt_column]
     clash = sorted(set(columns) & set(RESERVED))
     if clash:
-        raise TextDataError(f"data.path {cfg.path!r}: column(s) {clash} would collide with reward arguments; "
-                            f"rename them or leave them out of data.columns")
+        raise TextDataError(f"prompts.dataset.path {cfg.path!r}: column(s) {clash} would collide with reward "
+                            f"arguments; rename them or leave them out of prompts.dataset.columns")
     items, messages = [], []
     for i, row in enumerate(rows):
         missing = [c for c in columns if c not in row]
         if missing:
             raise TextDataError(f"{cfg.path}: row {i} lacks column(s) {missing}")
         text = _prompt_text(cfg, row, i)
+        item = {c: row[c] for c in columns}
         if cfg.chat_template:
             messages.append(chat_messages(cfg, text))
-            text = apply_chat_template(tokenizer, messages[-1])
+            if render_chat:
+                text = apply_chat_template(tokenizer, messages[-1])
+            else:
+                item["messages"] = messages[-1]
         elif cfg.system_prompt:
             text = f"{cfg.system_prompt}\n\n{text}"
-        items.append({"prompt": text, **{c: row[c] for c in columns}})
+        items.append({"prompt": text, **item})
     return TextDataset(items, list(columns), cfg.chat_template, cfg.gen_length, cfg.path, messages)
 
 
@@ -241,11 +252,16 @@ def check_reward_columns(rewards: dict[str, Any], dataset: TextDataset, provided
     """
     from rewards.base import columns_needed
 
+    check_columns({name: columns_needed(getattr(fn, "fn", fn)) for name, fn in rewards.items()}, dataset, provided)
+
+
+def check_columns(needs: dict[str, list], dataset: TextDataset, provided: Sequence[str] = ()) -> None:
+    """``needs``: reward name → the columns it needs (a name, or a tuple of alternatives)."""
     have = set(dataset.columns) | set(provided)
-    for name, fn in rewards.items():
-        for need in columns_needed(getattr(fn, "fn", fn)):
+    for name, wanted_list in needs.items():
+        for need in wanted_list:
             options = (need,) if isinstance(need, str) else tuple(need)
             if not have & set(options):
                 wanted = " or ".join(repr(o) for o in options)
-                raise TextDataError(f"reward '{name}' needs column {wanted}, which data.path {dataset.source!r} "
-                                    f"lacks (columns: {sorted(dataset.columns)})")
+                raise TextDataError(f"reward '{name}' needs column {wanted}, which prompts.dataset.path "
+                                    f"{dataset.source!r} lacks (columns: {sorted(dataset.columns)})")

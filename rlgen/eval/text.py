@@ -73,20 +73,31 @@ def decode_problems(model, problems: list[dict], settings: dict | None = None, b
             chunk = idx[start:start + batch_size]
             prompt = torch.tensor([ids[i] for i in chunk], device=model.device)  # (b, P)
             t0 = time.perf_counter()
-            out = generate(model, prompt, gen_length=g, steps=steps, block_length=bl,
-                           temperature=s["temperature"], remasking=s["remasking"], threshold=s["threshold"],
-                           cfg_scale=s["cfg_scale"], mask_id=model.mask_id, generator=generator,
-                           eos_id=model.eos_id, forbidden_ids=(model.pad_id, model.mask_id))
+            answer, steps_taken = _decode(model, prompt, g, bl, steps, s, generator)
             seconds += time.perf_counter() - t0
-            for i, row in zip(chunk, out.answer.tolist()):
+            for i, row in zip(chunk, answer.tolist()):
                 texts[i] = decode_completion(tok, row)
-            row_steps += int(out.steps_taken.sum())
+            row_steps += steps_taken if steps_taken is not None else 0
             row_tokens += len(chunk) * g
             bar.update(len(chunk))
     bar.close()
-    stats = {"nfe_per_token": round(row_steps / max(row_tokens, 1), 4),
+    stats = {"nfe_per_token": round(row_steps / max(row_tokens, 1), 4) if row_steps else None,
              "tokens_per_s": round(row_tokens / max(seconds, 1e-9), 1)}
     return texts, stats
+
+
+def _decode(model, prompt, g: int, bl: int, steps: int, s: dict, generator):
+    """(answer ids (b, g), forward passes summed over rows or None): rlgen's masked sampler for a
+    masked-diffusion policy, or the model's own sampler (``generate_answers``: DiffusionGemma)."""
+    if getattr(model, "family", None) != "masked_lm":
+        return model.generate_answers(prompt, g, generator=generator, temperature=s["temperature"]), None
+    from rlgen.algos.mdm_grpo import banned_ids
+
+    out = generate(model, prompt, gen_length=g, steps=steps, block_length=getattr(model, "block_size", None) or bl,
+                   temperature=s["temperature"], remasking=s["remasking"], threshold=s["threshold"],
+                   cfg_scale=s["cfg_scale"], mask_id=model.mask_id, generator=generator, eos_id=model.eos_id,
+                   forbidden_ids=banned_ids(model))
+    return out.answer, int(out.steps_taken.sum())
 
 
 def score_problems(model, problems: list[dict], settings: dict | None = None, batch_size: int = 64,
@@ -140,8 +151,8 @@ def _benchmark(task: str):
 
     def run(req, model) -> dict:
         problems = prepare(req)
-        if getattr(model, "family", None) != "masked_lm":
-            raise ValueError(f"the {task} benchmark scores masked-diffusion text models; this checkpoint holds a "
+        if getattr(model, "family", None) != "masked_lm" and not hasattr(model, "generate_answers"):
+            raise ValueError(f"the {task} benchmark scores text diffusion models; this checkpoint holds a "
                              f"{type(model).__name__}")
         settings = {**DECODE_DEFAULTS, **{k: v for k, v in req.options.items() if k in DECODE_DEFAULTS}}
         gen = torch.Generator(device=model.device).manual_seed(req.seed)

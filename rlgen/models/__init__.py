@@ -77,6 +77,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype=None, trust_remote_c
     from rlgen.runtime.rundir import CheckpointError, resolve_checkpoint
 
     given = dict(options)
+    dtype = compute_dtype(dtype, device, given.pop("float32_on_cpu", False))
     if dtype is not None:
         given["dtype"] = dtype
     if trust_remote_code:
@@ -109,6 +110,30 @@ def load_model(path: str | Path, device: str = "cpu", dtype=None, trust_remote_c
         raise
     except Exception as e:  # safetensors, transformers and diffusers raise many types for a bad file
         raise ModelLoadError(f"{ckpt}: cannot load {meta['model_type']} model: {type(e).__name__}: {e}") from e
+
+
+_NOTED: set = set()  # one line per process for a dtype the device ignores
+
+
+def compute_dtype(dtype, device, float32_on_cpu: bool = False):
+    """``dtype`` (a name such as "bfloat16" or a torch.dtype; None = as stored) → a torch.dtype.
+
+    ``float32_on_cpu`` (what a job config's ``policy.dtype`` asks for: PolicyConfig.load_options):
+    the reduced precision applies on accelerators only; on a CPU device the policy computes in
+    float32, said once per process. A direct ``load_model(..., dtype=...)`` call is always obeyed.
+    """
+    import torch
+
+    from rlgen.models.hf_lm import torch_dtype
+
+    dt = torch_dtype(dtype)
+    if dt is None or not float32_on_cpu or str(device).split(":")[0] != "cpu" or dt == torch.float32:
+        return dt
+    if dt not in _NOTED:
+        _NOTED.add(dt)
+        print(f"[rlgen] policy.dtype={str(dt).removeprefix('torch.')} applies on GPUs only: this process computes "
+              f"in float32 on the CPU", flush=True)
+    return None
 
 
 def _load_foreign(spec, device: str, options: dict):

@@ -121,6 +121,16 @@ class DiffusionGemmaLM(nn.Module):
                 torch.manual_seed(seed)
             return self.net.generate(prompt_ids, **kw).sequences
 
+    @torch.no_grad()
+    def generate_answers(self, prompt_ids: torch.Tensor, gen_length: int, generator: torch.Generator | None = None,
+                         temperature: float | None = None) -> torch.Tensor:
+        """(B, gen_length) answer ids from its own sampler: what rlgen's text benchmarks decode with
+        (``rlgen.eval.text``). ``generator`` seeds it; ``temperature`` is ignored: the sampler follows its
+        own temperature schedule (``sampler_config``)."""
+        seed = None if generator is None else int(torch.randint(2**31 - 1, (1,), generator=generator))
+        P = prompt_ids.shape[1]
+        return self.generate(prompt_ids, gen_length, seed=seed)[:, P:P + gen_length]
+
     def canvas_logits(self, context_ids: torch.Tensor, canvas_ids: torch.Tensor) -> torch.Tensor:
         """(B, C, V) denoiser logits of ``canvas_ids`` (B, C) after a clean ``context_ids`` (B, L)."""
         return self.net(input_ids=context_ids, decoder_input_ids=canvas_ids).logits

@@ -1,7 +1,9 @@
 """Hugging Face diffusion LMs (LLaDA, Dream, LLaDA2-style block diffusion) as rlgen policies.
 
 What differs between these model families is a few *conventions*, typed in ``MaskedLMOptions``
-(``policy:`` in job configs) and detected from ``config.json``'s ``model_type`` when left unset:
+(job configs: ``policy.lm.<name>``, ``ConventionOptions``; ``policy.trust_remote_code``,
+``policy.mask_token_id``, ``policy.dtype``, ``policy.lora``, ``policy.gradient_checkpointing`` for the
+rest) and detected from ``config.json``'s ``model_type`` when left unset:
 
 ============  ================  ======================  ==============================================
 model_type    attention         logits                  attention mask handed to the network
@@ -61,8 +63,33 @@ class LoraOptions:
 
 
 @dataclass
+class ConventionOptions:
+    """``policy.lm:`` in job configs: the conventions of ``MaskedLMOptions`` (same names), each None
+    = detected from the folder. Checked when the config loads, so a bad value names its key."""
+
+    attention: str | None = None  # bidirectional (LLaDA, Dream) | block_causal (LLaDA2)
+    shift_logits: bool | None = None  # Dream-style: the raw logits[:, i] predict token i + 1
+    block_size: int | None = None  # block-causal models: the block length they were trained with
+    attention_mask_format: str | None = None  # 2d | bool | additive: how masks reach the network
+
+    def __post_init__(self):
+        from rlgen.config import FieldError
+
+        for name, choices in (("attention", ATTENTION), ("attention_mask_format", MASK_FORMATS)):
+            if getattr(self, name) is not None and getattr(self, name) not in choices:
+                raise FieldError(name, f"must be one of {list(choices)}, got {getattr(self, name)!r}")
+        if self.block_size is not None and self.block_size <= 0:
+            raise FieldError("block_size", f"must be > 0, got {self.block_size}")
+
+    def given(self) -> dict:
+        """The fields set (not None): load options for ``MaskedLMOptions``."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass
 class MaskedLMOptions:
-    """How to load and read a masked-diffusion LM (``policy:`` fields). None = detect from the folder."""
+    """How to load and read a masked-diffusion LM (keyword options of ``load_model``; the ``policy:``
+    fields of a job config, conventions under ``policy.lm``). None = detect from the folder."""
 
     trust_remote_code: bool = False  # run the folder's own modeling/tokenizer code (LLaDA, Dream, LLaDA2)
     mask_token_id: int | None = None  # default: the tokenizer's mask token, then config.json's mask_token_id
@@ -80,14 +107,14 @@ class MaskedLMOptions:
         if isinstance(self.lora, dict):
             self.lora = LoraOptions(**self.lora)
         if self.attention is not None and self.attention not in ATTENTION:
-            raise ValueError(f"policy.attention must be one of {ATTENTION}, got {self.attention!r}")
+            raise ValueError(f"policy.lm.attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.attention_mask_format is not None and self.attention_mask_format not in MASK_FORMATS:
-            raise ValueError(f"policy.attention_mask_format must be one of {MASK_FORMATS}, "
+            raise ValueError(f"policy.lm.attention_mask_format must be one of {MASK_FORMATS}, "
                              f"got {self.attention_mask_format!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"policy.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.block_size is not None and self.block_size <= 0:
-            raise ValueError(f"policy.block_size must be > 0, got {self.block_size}")
+            raise ValueError(f"policy.lm.block_size must be > 0, got {self.block_size}")
 
     @classmethod
     def from_kwargs(cls, **kw) -> "MaskedLMOptions":
@@ -125,10 +152,47 @@ def resolve_conventions(config, options: MaskedLMOptions, saved: dict | None = N
                           for k, v in base.to_dict().items()})
     if conv.attention == "block_causal":
         if conv.block_size is None:
-            raise ModelLoadError("block-causal attention needs a block size: set policy.block_size=")
+            raise ModelLoadError("block-causal attention needs a block size: set policy.lm.block_size= "
+                                 "(Python: block_size=)")
         if conv.attention_mask_format == "2d":  # a 2-D mask cannot say "earlier blocks only"
             conv.attention_mask_format = "additive"
     return conv
+
+
+def read_conventions(folder: Path, **options) -> Conventions:
+    """A policy folder's conventions from its metadata files alone (no code runs, no weights load):
+    ``rlgen_model.json``'s record, else config.json's ``model_type``/``block_size``; ``options``
+    (``MaskedLMOptions`` names, e.g. ``PolicyConfig.load_options()``) win as they do when loading."""
+    from types import SimpleNamespace
+
+    folder = Path(folder)
+    meta, config = _read_json(folder / "rlgen_model.json"), _read_json(folder / "config.json")
+    if not meta and not config:
+        raise ModelLoadError(f"{folder}: neither rlgen_model.json nor config.json; not a masked-LM folder")
+    known = {f.name for f in fields(Conventions)}
+    opts = MaskedLMOptions(**{k: v for k, v in options.items() if k in known})
+    return resolve_conventions(SimpleNamespace(**config), opts, meta.get("conventions"))
+
+
+def token_identity(path: str | Path) -> tuple | None:
+    """(vocabulary, mask id) of a masked-LM folder (an rlgen checkpoint, its run folder, or a Hugging
+    Face folder) read from its files with the ``tokenizers`` library: no tokenizer code runs. None
+    when the folder holds no ``tokenizer.json`` (a model loaded later compares itself)."""
+    from tokenizers import Tokenizer
+
+    folder = Path(path)
+    if (folder / "checkpoints").is_dir():
+        from rlgen.runtime.rundir import resolve_checkpoint
+
+        folder = resolve_checkpoint(folder)
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    meta, config = _read_json(folder / "rlgen_model.json"), _read_json(folder / "config.json")
+    mask_token = _read_json(folder / "tokenizer_config.json").get("mask_token")
+    mask_token = mask_token.get("content") if isinstance(mask_token, dict) else mask_token
+    mask = meta.get("mask_id", config.get("mask_token_id", vocab.get(mask_token) if mask_token else None))
+    return vocab, mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,8 +269,8 @@ def check_remote_code(folder: Path, trust_remote_code: bool) -> None:
     files = remote_code_files(folder)
     if files and not trust_remote_code:
         raise ModelLoadError(f"{folder}: the model ships its own code ({', '.join(files)}; auto_map in its "
-                             f"config) that transformers must run to load it; set policy.trust_remote_code=true "
-                             f"(Python: trust_remote_code=True) if you trust this folder")
+                             f"config) that transformers must run to load it; if you trust this folder, set "
+                             f"policy.trust_remote_code=true (CLIs: --trust-remote-code; Python: trust_remote_code=True)")
 
 
 def load_hf_tokenizer(folder: Path, trust_remote_code: bool):
@@ -275,6 +339,6 @@ def options_field_names() -> list[str]:
     return [f.name for f in fields(MaskedLMOptions)]
 
 
-__all__ = ["MaskedLMOptions", "LoraOptions", "Conventions", "resolve_conventions", "resolve_model_path",
-           "check_remote_code", "load_hf_tokenizer", "load_hf_network", "resolve_mask_id", "torch_dtype",
-           "enable_gradient_checkpointing"]
+__all__ = ["MaskedLMOptions", "ConventionOptions", "LoraOptions", "Conventions", "resolve_conventions",
+           "read_conventions", "token_identity", "resolve_model_path", "check_remote_code", "load_hf_tokenizer",
+           "load_hf_network", "resolve_mask_id", "torch_dtype", "enable_gradient_checkpointing"]

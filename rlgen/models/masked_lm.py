@@ -167,6 +167,12 @@ class MaskedDiffusionLM(nn.Module):
         return self.conventions.block_size if self.is_block_causal else None
 
     @property
+    def forbidden_ids(self) -> tuple[int, ...]:
+        """Ids decoding never predicts (and log-prob replay excludes): [MASK], and the pad token
+        unless it is also the end-of-text token (LLaDA-style tokenizers pad with it)."""
+        return (self.mask_id,) if self.pad_id in (None, self.eos_id) else (self.mask_id, self.pad_id)
+
+    @property
     def vocab_size(self) -> int:
         out = self.net.get_output_embeddings() if hasattr(self.net, "get_output_embeddings") else None
         if out is not None and hasattr(out, "weight"):
@@ -265,7 +271,7 @@ class MaskedDiffusionLM(nn.Module):
             return allow
         if self.conventions.attention_mask_format != "additive":
             raise ValueError(f"{type(self.net).__name__} takes 2-D padding masks only; a 4-D attention pattern "
-                             f"needs policy.attention_mask_format=bool or additive")
+                             f"needs policy.lm.attention_mask_format=bool or additive")
         return torch.zeros(allow.shape, dtype=self.dtype, device=allow.device).masked_fill(
             ~allow, torch.finfo(self.dtype).min)
 

@@ -17,7 +17,9 @@ from typing import Any, Literal
 
 from rlgen.algos.base import AlgoConfig
 from rlgen.config import FieldError, RunConfig, check_choice, check_range, register_config
+from rlgen.data.text_dataset import TextDatasetConfig
 from rlgen.families import LoraSpec
+from rlgen.models.hf_lm import ConventionOptions
 from rlgen.runtime.cluster import RayConfig
 from rlgen.runtime.engine import OptimConfig
 
@@ -36,18 +38,24 @@ class PolicyConfig:
     dtype: str = "float32"             # learner/rollout compute dtype on CUDA (CPU always computes in float32)
     gradient_checkpointing: bool = False
     lora: LoraSpec = field(default_factory=LoraSpec)
+    # masked LMs: the model's conventions (attention, shift_logits, block_size, attention_mask_format;
+    # unset = detected from the folder), rlgen.models.hf_lm.ConventionOptions
+    lm: ConventionOptions = field(default_factory=ConventionOptions)
     options: dict[str, Any] = field(default_factory=dict)  # the family's own load options
 
     def __post_init__(self):
         check_choice(self, "dtype", DTYPES)
 
     def load_options(self) -> dict:
-        """What ``rlgen.models.load_model`` gets besides the path and device."""
-        opts = dict(self.options)
+        """What ``rlgen.models.load_model`` gets besides the path and device: every process that loads
+        the policy (rollout workers, learners, teachers, evaluation, pair preparation) loads it alike."""
+        opts = {**self.options, **self.lm.given()}
         if self.trust_remote_code:
             opts["trust_remote_code"] = True
         if self.mask_token_id is not None:
             opts["mask_token_id"] = self.mask_token_id
+        if self.dtype != "float32":  # loaded in it on GPUs (no float32 copy first); float32 on CPUs
+            opts.update(dtype=self.dtype, float32_on_cpu=True)
         return opts
 
 
@@ -55,15 +63,23 @@ class PolicyConfig:
 class PromptsConfig:
     """Online jobs: where each step's prompts come from (a pure function of seed and step)."""
 
-    source: str = "shapes"            # shapes | fashion_mnist | file | a text task (arith, countdown, sudoku)
+    source: str = "shapes"            # shapes | fashion_mnist | file | dataset | a text task (arith, countdown, sudoku)
     file: str = ""                    # source=file: one prompt per line
     tasks: list[str] = field(default_factory=list)  # shapes task types / text task levels; [] = the default mix
     per_step: int = 8                 # distinct prompts per step
     group_size: int = 8               # samples per prompt (G)
+    # source=dataset: a text dataset (JSONL/parquet/datasets folder/Hub id) whose other columns reach
+    # the rewards as keyword arguments (rlgen.data.text_dataset.TextDatasetConfig)
+    dataset: TextDatasetConfig = field(default_factory=TextDatasetConfig)
 
     def __post_init__(self):
         check_range(self, "per_step", lo=1)
         check_range(self, "group_size", lo=1)
+        if self.source == "dataset" and not self.dataset.path:
+            raise FieldError("dataset.path", "is required when prompts.source=dataset (a JSONL/parquet file, a "
+                                             "datasets folder or a Hub id)")
+        if self.source != "dataset" and self.dataset.path:
+            raise FieldError("source", f"must be 'dataset' when prompts.dataset.path is set, got {self.source!r}")
 
 
 @dataclass

@@ -198,7 +198,7 @@ def _build_pairs(cfg, base: Path, p: Path) -> None:
 def check_teacher(algo, base: Path) -> None:
     """A teacher the algorithm names must exist, be of the student's family and (masked LMs) share
     its tokenizer and mask id: distillation compares distributions over the same token ids."""
-    from rlgen.models import detect_family, read_model_meta
+    from rlgen.models import detect_family
 
     spec = algo.teacher()
     if spec is None or spec.kind != "policy":
@@ -209,11 +209,9 @@ def check_teacher(algo, base: Path) -> None:
     if family != algo.family:
         raise ConfigError(f"algo.teacher: {spec.path} holds a {family} model; the student is a {algo.family} model")
     if family == "masked_lm":
-        from rlgen.data.tokenizer import load_tokenizer
-        from rlgen.runtime.rundir import resolve_checkpoint
+        from rlgen.models.hf_lm import token_identity
 
-        t, s = resolve_checkpoint(spec.path), resolve_checkpoint(base)
-        if load_tokenizer(t).get_vocab() != load_tokenizer(s).get_vocab() or \
-                read_model_meta(t).get("mask_id") != read_model_meta(s).get("mask_id"):
+        t, s = token_identity(spec.path), token_identity(base)
+        if None not in (t, s) and t != s:
             raise ConfigError(f"algo.teacher: {spec.path}: its tokenizer (or mask id) differs from the student's "
                               f"({base}); on-policy distillation compares distributions over the same token ids")

@@ -4,9 +4,11 @@ Both are pure functions of (seed, step): a resumed run draws exactly what the un
 would have drawn, with no sampler state to checkpoint.
 
 A prompt item is a dict ``{"prompt": <text the policy is conditioned on>, ...}``; text items also
-carry ``gen_length`` (the answer width) and their task's ``problem``; every key but ``prompt`` and
-``gen_length`` reaches the rewards as a keyword argument (a list aligned with the samples, trl's
-convention for dataset columns).
+carry ``gen_length`` (the answer width) and their task's ``problem``, or (``prompts.source: dataset``)
+the dataset row's other columns and, under a chat template, the ``messages`` the rollout worker
+renders with the policy's tokenizer; every key but ``prompt``, ``gen_length`` and ``messages``
+reaches the rewards as a keyword argument (a list aligned with the samples, trl's convention for
+dataset columns).
 """
 from __future__ import annotations
 
@@ -27,12 +29,18 @@ class PromptSource:
     def __init__(self, cfg, seed: int, modality: str):
         self.cfg, self.seed, self.modality = cfg, seed, modality
         self._lines: list[str] = []
+        self._epoch, self._perm = None, None  # source=dataset: the epoch whose row permutation is held
         text_source = cfg.source not in IMAGE_SOURCES
         if text_source != (modality == "text") and cfg.source != "file":
             kind = "a text task" if text_source else "an image prompt source"
             raise ValueError(f"prompts.source={cfg.source!r} is {kind}, but the policy is a {modality} model")
         if cfg.source == "file":
             self._lines = _read_lines(Path(cfg.file), "prompts.file")
+        elif cfg.source == "dataset":
+            from rlgen.data.text_dataset import load_text_dataset
+
+            # chat prompts stay messages here: rollout workers render them with the policy's tokenizer
+            self.dataset = load_text_dataset(cfg.dataset, render_chat=False)
         elif cfg.source == "shapes":
             from rlgen.data.shapes import TASK_TYPES
 
@@ -52,6 +60,8 @@ class PromptSource:
     def sample(self, step: int) -> list[dict]:
         """``per_step`` items for this step (distinct where the source allows)."""
         n = self.cfg.per_step
+        if self.cfg.source == "dataset":
+            return [{**self.dataset.items[i], "gen_length": self.dataset.gen_length} for i in self._dataset_rows(step)]
         if self.modality == "text" and self.cfg.source != "file":
             from rlgen.data.text_tasks import generate_problems
 
@@ -72,6 +82,18 @@ class PromptSource:
 
         tasks = self.cfg.tasks or [None]
         return [{"prompt": sample_prompt(rng, tasks[int(rng.integers(len(tasks)))])[0]} for _ in range(n)]
+
+    def _dataset_rows(self, step: int) -> list[int]:
+        """Step k's rows: items (k − 1)·n … k·n − 1 of endless epochs, each a permutation of the rows
+        drawn from (seed, epoch): every row once per epoch, and a pure function of (seed, step)."""
+        n, size = self.cfg.per_step, len(self.dataset)
+        out = []
+        for k in range((step - 1) * n, step * n):
+            epoch = k // size
+            if self._epoch != epoch:  # one permutation held at a time
+                self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch, 13]).permutation(size)
+            out.append(int(self._perm[k % size]))
+        return out
 
 
 def _read_lines(p: Path, key: str) -> list[str]:
@@ -154,3 +176,42 @@ class PairSource:
                                           torch.arange(row, row + len(g))))
             row += len(g)
         return TextPairs(buckets, seed=step_seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before anything starts (text datasets)
+# ----------------------------------------------------------------------------------------------
+def reward_columns(name: str, kwargs: dict) -> list:
+    """The dataset columns reward ``name`` (built with ``kwargs``) needs, without building it: a
+    function's required keyword parameters (``rewards.base.columns_needed``); a class's
+    ``required_columns_for(**kwargs)`` or class attribute ``required_columns`` (a class may hold a
+    model: it is built once, on the reward workers)."""
+    import functools
+    import inspect
+
+    from rewards.base import columns_needed
+    from rlgen.registry import REWARDS
+
+    obj = REWARDS.get(name)
+    if inspect.isclass(obj):
+        declared = getattr(obj, "required_columns_for", None)
+        return list(declared(**kwargs)) if declared else list(getattr(obj, "required_columns", ()))
+    return columns_needed(functools.partial(obj, **kwargs) if kwargs else obj)
+
+
+def check_text_prompts(job, policy_folder: Path | None) -> None:
+    """``prompts.source: dataset``: every reward finds its columns, and a chat template the policy's
+    tokenizer lacks is refused (both one line naming what is missing), before the run folder is touched."""
+    c = job.prompts
+    if c.source != "dataset":
+        return
+    from rlgen.data.text_dataset import apply_chat_template, check_columns, load_text_dataset
+
+    ds = load_text_dataset(c.dataset, render_chat=False)
+    check_columns({name: reward_columns(name, job.reward_kwargs.get(name, {})) for name in job.rewards}, ds)
+    if c.dataset.chat_template and policy_folder is not None:
+        from rlgen.models.hf_lm import check_remote_code, load_hf_tokenizer
+
+        check_remote_code(policy_folder, job.policy.trust_remote_code)
+        tok = load_hf_tokenizer(policy_folder, job.policy.trust_remote_code)
+        apply_chat_template(tok, ds.messages[0])  # no template: the one-line refusal

@@ -53,7 +53,7 @@ def validate_block(prompt_ids, gen_length, steps_per_block, block_length, thresh
     own = getattr(model, "block_size", None)
     if own is not None and own != block_length:
         raise ValueError(f"block_length ({block_length}) differs from the block size the policy attends with "
-                         f"({own}); decode with block_length={own} or load it with policy.block_size={block_length}")
+                         f"({own}); decode with block_length={own} or load it with policy.lm.block_size={block_length}")
 
 
 def steps_per_block_from(steps: int | None, gen_length: int, block_length: int) -> int:

@@ -345,22 +345,25 @@ def build_tiny_llada2(path, seed: int = 0, block_size: int = 4, hidden_size: int
 
 
 def build_tiny_diffusion_gemma(path, seed: int = 0, canvas_length: int = 8, hidden_size: int = 64,
-                               num_layers: int = 2) -> Path:
-    """A tiny ``DiffusionGemmaForBlockDiffusion`` folder (native class, no remote code) + a BPE tokenizer."""
+                               num_layers: int = 2, tokenizer=None) -> Path:
+    """A tiny ``DiffusionGemmaForBlockDiffusion`` folder (native class, no remote code) + a BPE tokenizer.
+
+    ``tokenizer`` replaces the BPE (e.g. a masked-LM student's, so the model can be its OPD teacher)."""
     import rlgen  # noqa: F401
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     from rlgen.models import quiet_hf_progress
 
-    tok = build_bpe_tokenizer(["<pad>", "<eos>", "<bos>", "<|im_start|>", "<|im_end|>"], eos="<eos>", pad="<pad>",
-                              chat_template=CHATML_TEMPLATE)
+    tok = tokenizer or build_bpe_tokenizer(["<pad>", "<eos>", "<bos>", "<|im_start|>", "<|im_end|>"], eos="<eos>",
+                                           pad="<pad>", chat_template=CHATML_TEMPLATE)
     vocab = len(tok) + 3  # + the image markers the multimodal config names
     text = dict(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                 num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                 global_head_dim=16, max_position_embeddings=512, sliding_window=64,
                 layer_types=["sliding_attention"] * (num_layers - 1) + ["full_attention"], num_experts=4,
                 top_k_experts=2, moe_intermediate_size=hidden_size, pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id, bos_token_id=tok.convert_tokens_to_ids("<bos>"))
+                eos_token_id=tok.eos_token_id, bos_token_id=tok.convert_tokens_to_ids("<bos>")
+                if "<bos>" in tok.get_vocab() else tok.eos_token_id)
     vision = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=64)
     cfg = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas_length,

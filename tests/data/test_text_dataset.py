@@ -67,7 +67,8 @@ def test_reward_needing_a_missing_column_is_named(tmp_path, chat_tok):
 
 def test_tokenizer_without_chat_template_is_one_clear_error(jsonl):
     plain = build_bpe_tokenizer(["<|endoftext|>"])
-    with pytest.raises(TextDataError, match="data.chat_template=true, but the tokenizer .* has no chat template"):
+    with pytest.raises(TextDataError,
+                       match="prompts.dataset.chat_template=true, but the tokenizer .* has no chat template"):
         load_text_dataset(TextDatasetConfig(path=str(jsonl), prompt_column="question", chat_template=True), plain)
 
 
@@ -93,7 +94,8 @@ def test_bad_inputs_name_where(tmp_path, monkeypatch):
     with pytest.raises(TextDataError, match=r"bad.jsonl:2: invalid JSON"):
         load_text_dataset(TextDatasetConfig(path=str(p), prompt_column="question"))
     p.write_text('{"q": "a"}\n')
-    with pytest.raises(TextDataError, match=r"no prompt column 'question' \(columns: \['q'\]\); set data.prompt_column="):
+    with pytest.raises(TextDataError,
+                       match=r"no prompt column 'question' \(columns: \['q'\]\); set prompts.dataset.prompt_column="):
         load_text_dataset(TextDatasetConfig(path=str(p), prompt_column="question"))
     p.write_text('{"question": "a", "completions": "x"}\n')
     with pytest.raises(TextDataError, match=r"column\(s\) \['completions'\] would collide"):
@@ -103,7 +105,8 @@ def test_bad_inputs_name_where(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "ds_cache")
-    with pytest.raises(TextDataError, match=r"data.path 'acme/no-such-math': cannot load this Hub dataset id"):
+    with pytest.raises(TextDataError,
+                       match=r"prompts.dataset.path 'acme/no-such-math': cannot load this Hub dataset id"):
         load_text_dataset(TextDatasetConfig(path="acme/no-such-math", prompt_column="question"))
 
 

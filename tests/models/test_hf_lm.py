@@ -160,5 +160,5 @@ def test_bf16_and_gradient_checkpointing(folders):
 def test_unknown_option_and_bad_values_are_named(folders):
     with pytest.raises(TypeError, match=r"unknown masked-LM option\(s\) \['shift'\]"):
         load_model(folders["llada"], trust_remote_code=True, shift=True)
-    with pytest.raises(ValueError, match="policy.attention must be one of"):
+    with pytest.raises(ValueError, match="policy.lm.attention must be one of"):
         MaskedDiffusionLM.from_hf(folders["llada"], trust_remote_code=True, attention="causal")
