@@ -298,8 +298,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{_clip(text)}': cannot parse value: {e}") from e
+        raise ConfigError(f"override '{_clip(text)}': cannot parse value: {_yaml_problem(e)}") from None
     return key.split("."), value
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's message on one line (it spans several, with a caret drawing)."""
+    parts = [getattr(e, "context", None), getattr(e, "problem", None)]
+    text = "; ".join(x for x in parts if x) or str(e).splitlines()[0]
+    return _clip(" ".join(text.split()))
 
 
 def _clip(text: str, limit: int = 120) -> str:
@@ -327,7 +339,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML: {e}") from e
+        raise ConfigError(f"{p}{_yaml_where(e)}: invalid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -381,7 +393,18 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple = (
         sources.set(".".join(keys), value, where)
     if schema is None:
         schema = _schema_for(data, sources)
-    return _build(schema, data, "", sources)
+    cfg = _build(schema, data, "", sources)
+    cfg._sources = sources  # where each key was set, for checks after loading (not a field: never saved)
+    return cfg
+
+
+def origin_of(cfg, key: str) -> str | None:
+    """The file that set ``key`` of a config ``load_config`` built, or "the command line"; None if unknown."""
+    src = getattr(cfg, "_sources", None)
+    if src is None:
+        return None
+    where = src.of(key)
+    return "the command line" if where.startswith("override ") else where
 
 
 def _schema_for(data: dict, sources: Sources) -> type:

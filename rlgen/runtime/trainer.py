@@ -70,7 +70,7 @@ class Trainer:
 
         c = self.cfg
         self.algo.check_job(c)
-        base = base_checkpoint(c.policy)
+        base = base_checkpoint(c.policy, c)
         family = policy_family(base, self.algo)
         check_teacher(self.algo, base)
         self.modality = get_family(family).modality
