@@ -145,7 +145,11 @@ class RunConfig:
 
     @property
     def dir(self) -> Path:
-        return Path(self.root) / self.name
+        """The folder the job writes: ``root/name``; for an fsspec URI root (``s3://…``) a local
+        staging folder that rlgen/runtime/storage.py mirrors to ``root/name``."""
+        from rlgen.runtime.storage import is_uri, local_root, staging_dir
+
+        return staging_dir(self.root, self.name) if is_uri(self.root) else Path(local_root(self.root)) / self.name
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         ckpt = run_pretraining(cfg, PRETRAINERS.get(cfg.kind)(cfg))
-    except CheckpointError as e:  # run.resume names nothing this job can continue: one line, nothing changed
+    except (ConfigError, CheckpointError) as e:  # e.g. run.resume names nothing this job can continue
         print(f"error: {e}", file=sys.stderr)
         return 2
     if (ckpt / "eval.json").is_file():  # the final evaluation of kinds that write one (CLIP, classifier …)

@@ -237,6 +237,13 @@ class _Run:
 
 def run_pretraining(cfg, task) -> Path:
     """Run (or resume, per ``run.resume``) ``task`` under ``cfg.run``; returns the final checkpoint."""
+    from rlgen.runtime.storage import is_uri
+
+    if is_uri(cfg.run.root):
+        from rlgen.config import ConfigError
+
+        raise ConfigError(f"run.root={cfg.run.root}: pretraining writes a local folder (fsspec URIs are for "
+                          f"train_rl.py jobs); pretrain locally and copy the checkpoint")
     threads = torch.get_num_threads()
     try:
         set_threads(cfg.run.num_threads)
