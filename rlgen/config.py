@@ -134,6 +134,10 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True      # tqdm progress bars
     num_threads: int = 0       # torch intra-op threads in the driver; 0 = leave torch's default
+    # Weights & Biases beside TensorBoard (pip install 'rlgen[wandb]'; WANDB_MODE=offline works offline)
+    wandb: bool = False
+    wandb_project: str = "rlgen"
+    wandb_entity: str = ""     # "" = the logged-in user's default entity
 
     def __post_init__(self):
         # a name is one folder inside run.root: "../x", "a/b" or "/abs" would write elsewhere
@@ -142,6 +146,17 @@ class RunConfig:
             raise FieldError("name", f"must be a plain folder name (no '/', '\\', '..'), got {n!r}; "
                                      f"run.root chooses where run folders go")
         check_range(self, "num_threads", lo=0)
+        if self.wandb:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise FieldError("wandb", "is true but the wandb package is not installed (pip install 'rlgen[wandb]')")
+
+    def wandb_settings(self, config: dict) -> dict | None:
+        """What ``MetricsLogger`` passes to ``wandb.init`` (None when W&B is off)."""
+        if not self.wandb:
+            return None
+        return {"project": self.wandb_project, "entity": self.wandb_entity or None, "name": self.name, "config": config}
 
     @property
     def dir(self) -> Path:

@@ -5,7 +5,7 @@ Prompt   "047+085="
 Answer   "2310"   = 132 zero-padded to 4 slots, least significant digit first
 
 Why reversed: a model that writes the least significant digit first has every carry it needs
-already on the page; measured on this machine (FEASIBILITY.md), a 0.8M-parameter masked-diffusion
+already on the page; measured on this machine (docs/feasibility.md), a 0.8M-parameter masked-diffusion
 LM learns 2-digit ± in minutes this way and not at all with natural order. Fixed widths (operands
 zero-padded to the level's digit count, answers to ``arith_width``) keep every example of a level
 the same length, so batches carry no padding. The sign of a subtraction sits in the last slot

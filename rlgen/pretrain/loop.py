@@ -265,7 +265,10 @@ def _fit(cfg, task) -> Path:
     plan = task.plan()
     run = _Run(cfg, task, plan, state)
     prepare_run_dir(cfg)  # after init: config.yaml records what the task filled in
-    logger = MetricsLogger(run.run_dir, cfg.run.tensorboard, resume_step=run.step if resume is not None else None)
+    from rlgen.config import to_dict
+
+    logger = MetricsLogger(run.run_dir, cfg.run.tensorboard, resume_step=run.step if resume is not None else None,
+                           wandb=cfg.run.wandb_settings(to_dict(cfg)))
     bar = tqdm(total=plan.last_step, initial=run.step, disable=not cfg.run.progress, desc=plan.label)
     try:
         for i in range(run.step, plan.last_step):

@@ -300,7 +300,10 @@ class Trainer:
         from rlgen.runtime.report import write_report
 
         c, t = self.cfg, self.cfg.train
-        log = MetricsLogger(self.run_dir, c.run.tensorboard, resume_step=start if start > 0 else None)
+        from rlgen.config import to_dict
+
+        log = MetricsLogger(self.run_dir, c.run.tensorboard, resume_step=start if start > 0 else None,
+                            wandb=c.run.wandb_settings(to_dict(c)))
         if start == 0:
             log.log(0, **self._evaluate(0, False))
             self._save(0)
