@@ -782,8 +782,8 @@ def test_bad_input_is_one_clear_error_and_touches_nothing(name, tmp_path, monkey
 
 def test_the_suite_covers_every_kind_of_input():
     kinds = {n.split("_")[0] for n in CASES}
-    assert {"config", "checkpoint", "tokenizer", "problems", "prompts", "reward", "image", "pairs"} <= kinds
-    assert len(CASES) >= 20
+    assert {"config", "checkpoint", "tokenizer", "problems", "prompts", "reward", "image", "pairs", "resume"} <= kinds
+    assert len(CASES) >= 70
 
 
 

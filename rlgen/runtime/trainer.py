@@ -113,11 +113,17 @@ class Trainer:
         reward_workers = r.reward_workers if self.online else 0
         self.started_ray = init_ray(c.ray, r.rollout_workers * r.rollout_cpus + reward_workers * r.reward_cpus
                                     + n * r.learner_cpus)
-        # Ray queues an impossible request forever; refuse it with the numbers instead.
-        check_feasible([{"CPU": r.rollout_cpus, "GPU": r.rollout_gpus, **r.rollout_resources}] * r.rollout_workers
-                       + [{"CPU": r.reward_cpus, **r.reward_resources}] * reward_workers
-                       + [{"CPU": r.learner_cpus, "GPU": r.learner_gpus, **r.learner_resources}] * n,
-                       "rollout, reward and learner actors")
+        # Ray queues an impossible request forever; refuse it with the numbers instead (an input
+        # error like any other: one line, exit 2, the run folder not yet touched).
+        try:
+            check_feasible([{"CPU": r.rollout_cpus, "GPU": r.rollout_gpus, **r.rollout_resources}] * r.rollout_workers
+                           + [{"CPU": r.reward_cpus, **r.reward_resources}] * reward_workers
+                           + [{"CPU": r.learner_cpus, "GPU": r.learner_gpus, **r.learner_resources}] * n,
+                           "resources: rollout, reward and learner actors")
+        except RuntimeError as e:
+            from rlgen.config import ConfigError
+
+            raise ConfigError(str(e)) from None
         self.workers = Workers(c, str(base), self.modality, self.online)
         spec = LearnerSpec(str(base), c.policy.load_options(), c.policy.lora, c.algo, c.optim, c.learner.zero_stage,
                            c.learner.zero3_persistence_threshold, c.learner.micro_batch_size,
