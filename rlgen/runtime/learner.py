@@ -181,7 +181,8 @@ def describe_death(err: Exception, group: RayActorGroup, method: str) -> str:
     rank = group.rank_of(getattr(err, "actor_id", None))
     pid = re.search(r"\bpid: (\d+)", str(err))
     who = f"learner rank {rank}" if rank is not None else "a learner rank"
-    first = str(err).split(". ")[0].strip().rstrip(".")
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()] or [type(err).__name__]
+    first = re.split(r"(?<=\.)\s", lines[0])[0].rstrip(".")  # Ray's first sentence; the rest is a report
     return f"{who} (Learner actor{', pid ' + pid.group(1) if pid else ''}) died during {method}(): {first[:160]}"
 
 

@@ -36,10 +36,10 @@ def learner_processes(driver_pid: int) -> list[psutil.Process]:
 
 @pytest.mark.slow  # one Ray job killed mid-run (~1 min) and its resume (~1 min)
 def test_sigkilled_learner_ends_the_run_in_one_line_and_the_checkpoint_resumes(tmp_path):
-    models = {"flow": tiny_flow_policy(tmp_path / "tiny")}
+    models = {"flow": tiny_flow_policy(tmp_path / "tiny"), "lm": None}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     ray_tmp = tempfile.mkdtemp(prefix="rld_")
-    two_ranks = ["learner.num_learners=2", "ray.num_cpus=4"]
+    two_ranks = ["learner.num_learners=2", "learner.micro_batch_size=2", "ray.num_cpus=4"]
     try:
         cmd = [sys.executable, "train_rl.py", *args(tmp_path, models, "run", "flow_grpo", ray_tmp, steps=50), *two_ranks]
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -66,6 +66,7 @@ def test_sigkilled_learner_ends_the_run_in_one_line_and_the_checkpoint_resumes(t
         m = re.fullmatch(r"error: learner rank \d \(Learner actor, pid (\d+)\) died during (\w+)\(\): .+; newest "
                          r"complete checkpoint: (\S+) \(run\.resume=auto continues from it\)", last_line)
         assert m, last_line
+        print(f"{last_line}  [driver exited {took:.1f} s after the SIGKILL]")
         assert int(m.group(1)) == victims[1].pid and m.group(2) in ("train", "get_weights", "save")
         last = find_latest_checkpoint(tmp_path / "run")
         assert Path(m.group(3)) == last and took < 60
