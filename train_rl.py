@@ -40,13 +40,16 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
-    from rlgen.runtime.trainer import Trainer
+    from rlgen.runtime.trainer import JobFailed, Trainer
 
     try:
         result = Trainer(cfg).fit()
     except ConfigError as e:  # refused before anything started: one line, nothing on disk changed
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except JobFailed as e:  # e.g. a learner rank died: what, and where to resume from
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({k: v for k, v in result.items() if k != "eval_history"}, indent=2))
     if result.get("eval_history"):
         first, last = result["eval_history"][0], result["eval_history"][-1]

@@ -16,7 +16,8 @@ model) and the instance is called; kwargs for a function are bound to it as keyw
 Scores: ``None`` means "no score for this sample" (e.g. an unparsable completion a judge could not
 rate); the sample is excluded from group statistics and counted in the metrics. NaN or ±inf is a
 bug by default (``nan: error``) and names the reward, sample and prompt; ``nan: drop`` treats it
-like None. A sample is valid only when every reward scored it: mixing a partial set of rewards
+like None. A reward that returns None for *every* sample of a call scored nothing (typically a
+trl reward reading columns this dataset lacks): an error under ``nan: error``, counted under ``drop``. A sample is valid only when every reward scored it: mixing a partial set of rewards
 would compare samples on different scales.
 """
 from __future__ import annotations
@@ -242,7 +243,7 @@ def to_score_tensor(out, name: str, prompts, nan: str) -> tuple[torch.Tensor, in
     if bad.any() and nan == "error":
         i = int(bad.nonzero()[0])
         raise RewardError(f"reward '{name}' returned {values[i].item()} for sample {i} (prompt "
-                          f"{_prompt_at(prompts, i)!r}); fix the reward, or set rewards.nan=drop to "
+                          f"{_prompt_at(prompts, i)!r}); fix the reward, or set reward_nan=drop to "
                           f"leave such samples unscored", reward=name, index=i, prompt=_prompt_at(prompts, i))
     values = torch.where(bad, torch.full_like(values, math.nan), values)
     return values, n_none, int(bad.sum())
@@ -310,6 +311,10 @@ class RewardMixer:
             t0 = time.perf_counter()
             out = self._call(spec, samples, prompts, meta)
             scores, n_none, n_dropped = to_score_tensor(out, spec.name, prompts, self.cfg.nan)
+            if n and n_none == n and self.cfg.nan == "error":  # e.g. a trl reward for another dataset's columns
+                raise RewardError(f"reward '{spec.name}' returned None for all {n} samples (first prompt "
+                                  f"{_prompt_at(prompts, 0)[:80]!r}): it scored none of them; fix the reward, or "
+                                  f"set reward_nan=drop to leave such samples unscored and count them", reward=spec.name)
             components[spec.name] = scores
             total += spec.weight * scores  # NaN propagates: a sample missing any score is invalid
             mean, std = _stats(scores)

@@ -134,6 +134,10 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True      # tqdm progress bars
     num_threads: int = 0       # torch intra-op threads in the driver; 0 = leave torch's default
+    # Weights & Biases beside TensorBoard (pip install 'rlgen[wandb]'; WANDB_MODE=offline works offline)
+    wandb: bool = False
+    wandb_project: str = "rlgen"
+    wandb_entity: str = ""     # "" = the logged-in user's default entity
 
     def __post_init__(self):
         # a name is one folder inside run.root: "../x", "a/b" or "/abs" would write elsewhere
@@ -142,10 +146,25 @@ class RunConfig:
             raise FieldError("name", f"must be a plain folder name (no '/', '\\', '..'), got {n!r}; "
                                      f"run.root chooses where run folders go")
         check_range(self, "num_threads", lo=0)
+        if self.wandb:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise FieldError("wandb", "is true but the wandb package is not installed (pip install 'rlgen[wandb]')")
+
+    def wandb_settings(self, config: dict) -> dict | None:
+        """What ``MetricsLogger`` passes to ``wandb.init`` (None when W&B is off)."""
+        if not self.wandb:
+            return None
+        return {"project": self.wandb_project, "entity": self.wandb_entity or None, "name": self.name, "config": config}
 
     @property
     def dir(self) -> Path:
-        return Path(self.root) / self.name
+        """The folder the job writes: ``root/name``; for an fsspec URI root (``s3://…``) a local
+        staging folder that rlgen/runtime/storage.py mirrors to ``root/name``."""
+        from rlgen.runtime.storage import is_uri, local_root, staging_dir
+
+        return staging_dir(self.root, self.name) if is_uri(self.root) else Path(local_root(self.root)) / self.name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,8 +317,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{_clip(text)}': cannot parse value: {e}") from e
+        raise ConfigError(f"override '{_clip(text)}': cannot parse value: {_yaml_problem(e)}") from None
     return key.split("."), value
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's message on one line (it spans several, with a caret drawing)."""
+    parts = [getattr(e, "context", None), getattr(e, "problem", None)]
+    text = "; ".join(x for x in parts if x) or str(e).splitlines()[0]
+    return _clip(" ".join(text.split()))
 
 
 def _clip(text: str, limit: int = 120) -> str:
@@ -327,7 +358,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML: {e}") from e
+        raise ConfigError(f"{p}{_yaml_where(e)}: invalid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -381,7 +412,18 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple = (
         sources.set(".".join(keys), value, where)
     if schema is None:
         schema = _schema_for(data, sources)
-    return _build(schema, data, "", sources)
+    cfg = _build(schema, data, "", sources)
+    cfg._sources = sources  # where each key was set, for checks after loading (not a field: never saved)
+    return cfg
+
+
+def origin_of(cfg, key: str) -> str | None:
+    """The file that set ``key`` of a config ``load_config`` built, or "the command line"; None if unknown."""
+    src = getattr(cfg, "_sources", None)
+    if src is None:
+        return None
+    where = src.of(key)
+    return "the command line" if where.startswith("override ") else where
 
 
 def _schema_for(data: dict, sources: Sources) -> type:

@@ -63,7 +63,9 @@ def read_prompts(spec: str, text: bool, seed: int) -> list:
             from rlgen.data.text_tasks import load_problems
 
             return load_problems(p)
-        lines = [ln.strip() for ln in p.read_text().splitlines()]
+        from rlgen.utils import read_text_file
+
+        lines = [ln.strip() for ln in read_text_file(p).splitlines()]
         prompts = [ln for ln in lines if ln and not ln.startswith("#")]
         if not prompts:
             raise ValueError(f"{p}: no prompts")

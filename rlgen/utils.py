@@ -40,3 +40,23 @@ def set_threads(n: int) -> None:
     if n > 0:
         torch.set_num_threads(n)
         os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+class TextFileError(ValueError):
+    """An input file that should be UTF-8 text is not; the message names the file and line."""
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The contents of a UTF-8 text file. A binary file (a NUL byte) or bytes that are not UTF-8 are
+    a ``TextFileError`` naming the file, the line and the byte offset, never a codec traceback."""
+    with open(path, "rb") as f:
+        data = f.read()
+    nul = data.find(b"\0")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise TextFileError(f"{path}:{line}: a binary file (NUL byte at byte {nul}), expected UTF-8 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise TextFileError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None

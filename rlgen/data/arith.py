@@ -5,7 +5,7 @@ Prompt   "047+085="
 Answer   "2310"   = 132 zero-padded to 4 slots, least significant digit first
 
 Why reversed: a model that writes the least significant digit first has every carry it needs
-already on the page; measured on this machine (FEASIBILITY.md), a 0.8M-parameter masked-diffusion
+already on the page; measured on this machine (docs/feasibility.md), a 0.8M-parameter masked-diffusion
 LM learns 2-digit ± in minutes this way and not at all with natural order. Fixed widths (operands
 zero-padded to the level's digit count, answers to ``arith_width``) keep every example of a level
 the same length, so batches carry no padding. The sign of a subtraction sits in the last slot
@@ -41,6 +41,7 @@ _LEVEL = re.compile(r"pm(\d)(?:@(\d))?|mul(\d)x(\d)")
 # ----------------------------------------------------------------------------------------------
 _ARITH = re.compile(r"(\d{1,9})([+\-*])(\d{1,9})")
 _ARITH_ANSWER = re.compile(r"(\d+)(-?)")
+MAX_ANSWER_DIGITS = 20  # operands have at most 9 digits, so every value has at most 18
 
 
 def parse_arith(expression: str) -> tuple[str, str, str]:
@@ -73,7 +74,10 @@ def read_arith_answer(text: str) -> int | None:
     m = _ARITH_ANSWER.fullmatch(text)
     if m is None:
         return None
-    value = int(m.group(1)[::-1])
+    digits = m.group(1)[::-1].lstrip("0") or "0"
+    if len(digits) > MAX_ANSWER_DIGITS:  # no arith value is this long; int() refuses over 4300 digits
+        return None
+    value = int(digits)
     return -value if m.group(2) else value
 
 

@@ -14,7 +14,7 @@ Levels ``nK``: K numbers drawn uniformly from 1..9 with repeats, every number us
 (about 2,100 distinct n3 problems, a tenth of them held out). The default level, and the harder
 one, is n3; n2 (3-token answers, 138 distinct problems) is an easier level to ask for by name;
 n4..n6 can still be sampled. Single-digit numbers and three of them keep answers short (n3: 7 tokens), which
-is what a tiny model learns in minutes (FEASIBILITY.md: 3–4 numbers from 1..10 and targets to 250
+is what a tiny model learns in minutes (docs/feasibility.md: 3–4 numbers from 1..10 and targets to 250
 gave 3%; the earlier n3/n4 mix over 1..10 reached n4 0.145 after 24 min). Mixing n2 into training
 slowed n3 down (configs/pretrain/mdm_countdown.yaml). The generation length fits any K-number
 expression of ≤ D-digit numbers with minimal parentheses: K·D digits + (K−1) operators +

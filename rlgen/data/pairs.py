@@ -14,8 +14,8 @@ A pairs file is JSONL (one JSON object per line) or parquet (read through ``data
 
 ``load_pairs`` checks every row before training starts. A malformed row — invalid JSON, not an
 object, a missing or non-string field, empty text, a non-numeric score, an unreadable or wrongly
-sized image, chosen identical to rejected, or a duplicate of an earlier row — is reported with its
-row number (the line number of a JSONL file, 1-based). ``on_error="strict"`` (default) stops at the
+sized image, chosen identical to rejected, a ``meta.problem`` that is malformed or whose prompt the
+row's prompt does not hold, or a duplicate of an earlier row — is reported with its row number (the line number of a JSONL file, 1-based). ``on_error="strict"`` (default) stops at the
 first one; ``"skip"`` drops such rows and counts them by kind.
 """
 from __future__ import annotations
@@ -118,7 +118,13 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
         for i, obj in enumerate(ds, start=1):
             yield i, obj
         return
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    from rlgen.utils import TextFileError, read_text_file
+
+    try:
+        text = read_text_file(path)
+    except TextFileError as e:
+        raise PairFormatError(str(e)) from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -155,8 +161,27 @@ def _check_row(obj: Any, n: int, where: str) -> PairRow:
         raise PairFormatError(f"{where}: field 'meta' must be an object, got {meta!r}", "wrong_type", n)
     if obj["chosen"] == obj["rejected"]:
         raise PairFormatError(f"{where}: chosen and rejected are identical ({obj['chosen']!r})", "identical_pair", n)
+    if meta.get("problem") is not None:
+        _check_problem(meta["problem"], obj["prompt"], n, where)
     return PairRow(obj["prompt"], obj["chosen"], obj["rejected"], n, scores["chosen_score"],
                    scores["rejected_score"], meta)
+
+
+def _check_problem(problem: Any, prompt: str, n: int, where: str) -> None:
+    """A text pair's ``meta.problem`` (what the verifier and the answer width come from) must be a
+    valid problem whose prompt the pair's prompt holds: otherwise the pair teaches one answer to
+    another question."""
+    from rlgen.data.text_tasks import ProblemError, get_task, validate_problem
+
+    try:
+        validate_problem(problem, f"{where}: meta.problem")
+    except ProblemError as e:
+        raise PairFormatError(str(e), "bad_problem", n) from None
+    expected = get_task(problem["task"]).format_prompt(problem)
+    if expected not in prompt:
+        shown = prompt if len(prompt) <= 80 else prompt[:80] + f"… ({len(prompt)} characters)"
+        raise PairFormatError(f"{where}: prompt {shown!r} contradicts its meta.problem, whose prompt is "
+                              f"{expected!r}", "prompt_mismatch", n)
 
 
 def _inside(root: Path, rel: str) -> Path | None:

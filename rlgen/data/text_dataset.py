@@ -89,7 +89,13 @@ class TextDataset:
 # ----------------------------------------------------------------------------------------------
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    from rlgen.utils import TextFileError, read_text_file
+
+    try:
+        text = read_text_file(path)
+    except TextFileError as e:
+        raise TextDataError(str(e)) from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

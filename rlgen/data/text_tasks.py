@@ -37,6 +37,7 @@ from rlgen.registry import register_dataset
 
 TASKS = {t.name: t for t in (ArithTask(), CountdownTask(), SudokuTask())}
 HELDOUT_MOD = 10
+MAX_PROBLEM_CHARS = 10_000  # a problems file's line; the built-in tasks' problems are under 200
 EVAL_SEED_BASE = 1_000_003  # built-in eval sets use random.Random(EVAL_SEED_BASE + seed)
 
 
@@ -80,10 +81,19 @@ def load_problems(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise ProblemError(f"problems file not found: {p}")
+    from rlgen.utils import TextFileError, read_text_file
+
+    try:
+        text = read_text_file(p)
+    except TextFileError as e:
+        raise ProblemError(str(e)) from None
     problems = []
-    for lineno, line in enumerate(p.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        if len(line) > MAX_PROBLEM_CHARS:  # never echo a huge line into an error
+            raise ProblemError(f"{p}:{lineno}: a line of {len(line)} characters (a problem has at most "
+                               f"{MAX_PROBLEM_CHARS})")
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:

@@ -152,7 +152,9 @@ def quality_report(model, images: torch.Tensor, labels: torch.Tensor, real: torc
 
 def _labels(req) -> list[int]:
     if req.prompts:
-        lines = [ln.strip() for ln in Path(req.prompts).read_text().splitlines() if ln.strip()]
+        from rlgen.utils import read_text_file
+
+        lines = [ln.strip() for ln in read_text_file(req.prompts).splitlines() if ln.strip()]
         labels = []
         for i, ln in enumerate(lines, 1):
             try:

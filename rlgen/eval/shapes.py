@@ -18,15 +18,20 @@ from rlgen.registry import register_benchmark
 
 FORM_TO_TASK = {"single": "single_object", "pair": "two_object", "count": "counting", "position": "position"}
 DEFAULT_SAMPLES_PER_PROMPT = 4
+MAX_PROMPT_CHARS = 2000
 
 
 def read_prompt_file(path: Path) -> list[tuple[str, str]]:
     """(prompt, task) pairs from a file; a prompt outside the grammar is an error naming its line."""
+    from rlgen.utils import read_text_file
+
     items = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
+        if len(text) > MAX_PROMPT_CHARS:  # never echo a huge line into an error
+            raise PromptError(f"{path}:{lineno}: a prompt of {len(text)} characters (at most {MAX_PROMPT_CHARS})")
         try:
             form = parse_prompt(text).form
         except PromptError as e:

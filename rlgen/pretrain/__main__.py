@@ -31,7 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    ckpt = run_pretraining(cfg, PRETRAINERS.get(cfg.kind)(cfg))
+    from rlgen.runtime.rundir import CheckpointError
+
+    try:
+        ckpt = run_pretraining(cfg, PRETRAINERS.get(cfg.kind)(cfg))
+    except (ConfigError, CheckpointError) as e:  # e.g. run.resume names nothing this job can continue
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if (ckpt / "eval.json").is_file():  # the final evaluation of kinds that write one (CLIP, classifier …)
         result = json.loads((ckpt / "eval.json").read_text())
         print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}))

@@ -151,12 +151,33 @@ def resume_source(cfg) -> Path | None:
     mode, run_dir = str(cfg.run.resume), cfg.run.dir
     if mode == "no":
         return None
+    if mode == "auto":
+        _check_same_kind(run_dir, cfg.kind)
     ckpt = (find_latest_checkpoint(run_dir) if run_dir.exists() else None) if mode == "auto" \
         else resolve_checkpoint(mode)
     if ckpt is not None and not (ckpt / STATE_DIR / "state.json").is_file():
         raise CheckpointError(f"run.resume={mode}: {ckpt} has no {STATE_DIR}/state.json (not a pretraining "
                               f"checkpoint, or one from an older rlgen); resume from another or set run.resume=no")
     return ckpt
+
+
+def _check_same_kind(run_dir: Path, kind: str) -> None:
+    """``run.resume=auto`` into a folder another kind of job wrote (an RL run, another pretraining) is
+    refused before anything in it changes."""
+    from rlgen.config import yaml_load
+
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        data = yaml_load(saved.read_text(encoding="utf-8"))
+        other = data.get("kind") if isinstance(data, dict) else None
+    except Exception as e:  # noqa: BLE001 — a damaged file is a refusal too
+        raise CheckpointError(f"run.resume=auto: {saved} is unreadable ({type(e).__name__}); not resuming into it") from e
+    if other != kind:
+        what = "an RL (train_rl.py) run" if other in (None, "train") else f"a {other} run"
+        raise CheckpointError(f"run.resume=auto: {run_dir} holds {what}; this job is {kind} (use another "
+                              f"run.name, or run.resume=no to move the old run aside)")
 
 
 class _Run:
@@ -216,6 +237,13 @@ class _Run:
 
 def run_pretraining(cfg, task) -> Path:
     """Run (or resume, per ``run.resume``) ``task`` under ``cfg.run``; returns the final checkpoint."""
+    from rlgen.runtime.storage import is_uri
+
+    if is_uri(cfg.run.root):
+        from rlgen.config import ConfigError
+
+        raise ConfigError(f"run.root={cfg.run.root}: pretraining writes a local folder (fsspec URIs are for "
+                          f"train_rl.py jobs); pretrain locally and copy the checkpoint")
     threads = torch.get_num_threads()
     try:
         set_threads(cfg.run.num_threads)
@@ -237,7 +265,10 @@ def _fit(cfg, task) -> Path:
     plan = task.plan()
     run = _Run(cfg, task, plan, state)
     prepare_run_dir(cfg)  # after init: config.yaml records what the task filled in
-    logger = MetricsLogger(run.run_dir, cfg.run.tensorboard, resume_step=run.step if resume is not None else None)
+    from rlgen.config import to_dict
+
+    logger = MetricsLogger(run.run_dir, cfg.run.tensorboard, resume_step=run.step if resume is not None else None,
+                           wandb=cfg.run.wandb_settings(to_dict(cfg)))
     bar = tqdm(total=plan.last_step, initial=run.step, disable=not cfg.run.progress, desc=plan.label)
     try:
         for i in range(run.step, plan.last_step):

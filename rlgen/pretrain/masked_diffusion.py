@@ -64,7 +64,7 @@ class MDMTrainConfig:
     batch_size: int = 128
     max_steps: int = 5000            # length of the lr schedule
     stop_step: int = 0               # end the run here (0 = max_steps), schedule unchanged: stops a
-                                     # base inside the accuracy window RL wants (FEASIBILITY.md)
+                                     # base inside the accuracy window RL wants (docs/feasibility.md)
     lr: float = 2e-3
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 100

@@ -31,6 +31,17 @@ def _remote_addr_and_port() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), free_port("")
 
 
+def get_all(refs: list) -> list:
+    """``ray.get(refs)``, but raising as soon as any one fails: when one rank of a collective dies,
+    the others wait for it forever, and a plain ``ray.get`` of the list would wait with them."""
+    index = {ref: i for i, ref in enumerate(refs)}
+    out, pending = [None] * len(refs), list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        out[index[done[0]]] = ray.get(done[0])  # this ref's error, if it failed, is raised here
+    return out
+
+
 class RayActorGroup:
     """``num_actors`` instances of ``actor_cls`` (a plain class), one per placement-group bundle.
 
@@ -80,13 +91,18 @@ class RayActorGroup:
 
     def call(self, method: str, *args, **kwargs) -> list[Any]:
         """``method(*args, **kwargs)`` on every actor; results in rank order."""
-        return ray.get(self.call_async(method, *args, **kwargs))
+        return get_all(self.call_async(method, *args, **kwargs))
 
     def call_sharded(self, method: str, shards: Sequence[Any], **kwargs) -> list[Any]:
         """Actor i runs ``method(shards[i], **kwargs)``; results in rank order."""
         if len(shards) != len(self.actors):
             raise ValueError(f"{len(shards)} shards for {len(self.actors)} actors")
-        return ray.get([getattr(a, method).remote(s, **kwargs) for a, s in zip(self.actors, shards)])
+        return get_all([getattr(a, method).remote(s, **kwargs) for a, s in zip(self.actors, shards)])
+
+    def rank_of(self, actor_id: str | None) -> int | None:
+        """The rank of the actor with this hex id (from a ``RayActorError``), if it is one of ours."""
+        ids = [a._actor_id.hex() for a in self.actors]
+        return ids.index(actor_id) if actor_id in ids else None
 
     def shutdown(self) -> None:
         """Kill the actors and free their reservation."""

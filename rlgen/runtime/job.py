@@ -251,16 +251,16 @@ class JobConfig:
         check_choice(self, "reward_nan", ("error", "drop"))
         check_range(self, "reward_timeout_s", lo=0)
         if not self.policy.checkpoint:
-            raise FieldError("policy.checkpoint", "is required (policy.checkpoint=<folder or Hub id>)")
+            raise FieldError("policy.checkpoint", "is empty: name the starting model (a folder or Hub id)")
         if algo.data == "rollouts":
             if not self.rewards:
                 raise FieldError("rewards", "is empty: name at least one reward (rewards={name: weight})")
             if self.prompts.group_size < algo.min_group_size:
                 raise FieldError("prompts.group_size", f"must be >= {algo.min_group_size} for {self.algo.name} "
-                                                       f"(group-relative advantages of a single sample are all 0), "
-                                                       f"got {self.prompts.group_size}")
+                                                      f"(group-relative advantages of a single sample are all 0), "
+                                                      f"got {self.prompts.group_size}")
         elif not self.pairs.path:
-            raise FieldError("pairs.path", f"is required for {self.algo.name} (pairs.path=<pairs.jsonl>)")
+            raise FieldError("pairs.path", f"is empty: {self.algo.name} learns from a pairs file (pairs.jsonl)")
 
     def rewards_config(self):
         from rewards.base import RewardsConfig

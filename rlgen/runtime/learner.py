@@ -126,15 +126,26 @@ class Learner:
         """Parameter elements this rank stores (under ZeRO-3, about 1/K of the model)."""
         return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.policy.parameters())
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, ship: bool = False) -> dict[str, bytes] | None:
         """``path``: a policy folder ``load_model`` loads on its own (rank 0) + ``deepspeed/`` (all
-        ranks: trainable weights and optimizer state, for ``load``). Ranks share the filesystem or
-        the driver collects the folder (rlgen/runtime/storage.py). Collective."""
-        path = Path(path)
-        _, weights = self.get_weights()
-        if self.rank == 0:
-            self.family.save(self._export_policy(weights), path, self.spec.lora)
-        self.strategy.save(self.engine, path, {"version": self.version})
+        ranks: trainable weights and optimizer state, for ``load``). Collective. ``ship``: the
+        driver's disk is not this node's; write into a local temp folder and return its files
+        (``{relative path: bytes}``) for the driver to write (rlgen/runtime/storage.py)."""
+        import shutil
+        import tempfile
+
+        from rlgen.runtime.storage import read_tree
+
+        path = Path(tempfile.mkdtemp(prefix="rlgen-save-")) if ship else Path(path)
+        try:
+            _, weights = self.get_weights()
+            if self.rank == 0:
+                self.family.save(self._export_policy(weights), path, self.spec.lora)
+            self.strategy.save(self.engine, path, {"version": self.version})
+            return read_tree(path) if ship else None
+        finally:
+            if ship:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _export_policy(self, weights: dict[str, np.ndarray]):
         """A CPU fp32 copy of the policy holding ``weights`` (loaded once; ZeRO-3 ranks hold shards)."""
@@ -147,10 +158,39 @@ class Learner:
         load_numpy_weights(self._export, weights, strict=not self.spec.lora.enabled)
         return self._export
 
-    def load(self, path: str) -> int:
-        """Resume trainable weights, optimizer state and version from ``save``'s folder (same K). Collective."""
-        self.version = int(self.strategy.load(self.engine, Path(path)).get("version", 0))
+    def load(self, path: str, files: dict[str, bytes] | None = None) -> int:
+        """Resume trainable weights, optimizer state and version from ``save``'s folder (same K), or
+        from ``files`` (its ``deepspeed/`` files, sent by a driver on another node). Collective."""
+        import shutil
+        import tempfile
+
+        from rlgen.runtime.storage import write_tree
+
+        if files is not None:
+            path = tempfile.mkdtemp(prefix="rlgen-load-")
+            write_tree(files, Path(path))
+        try:
+            self.version = int(self.strategy.load(self.engine, Path(path)).get("version", 0))
+        finally:
+            if files is not None:
+                shutil.rmtree(path, ignore_errors=True)
         return self.version
+
+
+class LearnerDied(RuntimeError):
+    """A learner rank's process is gone (SIGKILL, OOM killer, a lost node): the update, and the
+    DeepSpeed group it belonged to, cannot go on; the message names the rank, its pid and the call."""
+
+
+def describe_death(err: Exception, group: RayActorGroup, method: str) -> str:
+    import re
+
+    rank = group.rank_of(getattr(err, "actor_id", None))
+    pid = re.search(r"\bpid: (\d+)", str(err))
+    who = f"learner rank {rank}" if rank is not None else "a learner rank"
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()] or [type(err).__name__]
+    first = re.split(r"(?<=\.)\s", lines[0])[0].rstrip(".")  # Ray's first sentence; the rest is a report
+    return f"{who} (Learner actor{', pid ' + pid.group(1) if pid else ''}) died during {method}(): {first[:160]}"
 
 
 class LearnerGroup:
@@ -167,11 +207,11 @@ class LearnerGroup:
 
         self.group = RayActorGroup(Learner, num_learners, make_args, num_cpus=num_cpus, num_gpus=num_gpus,
                                    strategy=strategy, resources=resources)
-        self.version = self.group.call("get_version")[0]  # waits for every rank's init (and its errors)
+        self.version = self._call("get_version")[0]  # waits for every rank's init (and its errors)
 
     def train(self, batch) -> dict:
         """Shard the batch over ranks, train, and merge metrics (means over the ranks that report them)."""
-        results = self.group.call_sharded("train", batch.shard(len(self.group)))
+        results = self._call("train", batch.shard(len(self.group)), sharded=True)
         keys = sorted({k for r in results for k in r})
         merged = {k: float(np.mean([r[k] for r in results if k in r])) for k in keys}
         if "samples" in merged:
@@ -180,17 +220,39 @@ class LearnerGroup:
         return merged
 
     def get_weights(self) -> tuple[int, dict[str, np.ndarray]]:
-        return self.group.call("get_weights")[0]  # every rank takes part (ZeRO-3 gathers); rank 0 has them
+        return self._call("get_weights")[0]  # every rank takes part (ZeRO-3 gathers); rank 0 has them
 
-    def save(self, path: str) -> None:
-        self.group.call("save", str(path))
+    def save(self, path: str, ship: bool = False) -> None:
+        """Every rank writes its part of the checkpoint into ``path``; with ``ship`` (ranks on nodes
+        that do not share the driver's disk) they return their files and the driver writes them."""
+        from rlgen.runtime.storage import write_tree
 
-    def load(self, path: str) -> int:
-        self.version = self.group.call("load", str(path))[0]
+        for files in self._call("save", str(path), ship):
+            if files:
+                write_tree(files, Path(path))
+
+    def load(self, path: str, ship: bool = False) -> int:
+        files = None
+        if ship:  # each rank gets the DeepSpeed files (its own shard among them) through Ray
+            from rlgen.runtime.engine import DS_SUBDIR
+            from rlgen.runtime.storage import read_tree
+
+            files = {f"{DS_SUBDIR}/{k}": v for k, v in read_tree(Path(path) / DS_SUBDIR).items()}
+        self.version = self._call("load", str(path), files)[0]
         return self.version
 
     def local_param_numel(self) -> list[int]:
-        return self.group.call("local_param_numel")
+        return self._call("local_param_numel")
+
+    def _call(self, method: str, *args, sharded: bool = False) -> list:
+        """Every rank runs ``method``; a rank that died is a ``LearnerDied`` at once (not a hang in
+        the collective the other ranks wait in)."""
+        import ray
+
+        try:
+            return self.group.call_sharded(method, *args) if sharded else self.group.call(method, *args)
+        except ray.exceptions.RayActorError as e:
+            raise LearnerDied(describe_death(e, self.group, method)) from None
 
     def shutdown(self) -> None:
         self.group.shutdown()

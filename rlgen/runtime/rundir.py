@@ -181,7 +181,8 @@ class MetricsLogger:
     checkpointing leaves neither a gap nor a duplicate.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None,
+                 wandb: dict | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             rows = read_metrics(self.path)
@@ -200,6 +201,7 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
             except ImportError:  # tensorboard is optional
                 self._tb = None
+        self._wandb = start_wandb(run_dir, wandb, resume_step is not None) if wandb else None
 
     def log(self, step: int, **metrics) -> dict:
         row = {"step": int(step)}
@@ -216,12 +218,31 @@ class MetricsLogger:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=step)
         return row
 
     def close(self) -> None:
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def start_wandb(run_dir: Path, settings: dict, resume: bool):
+    """A W&B run whose files live in ``run_dir/wandb``; a resumed job continues the same W&B run
+    (its id is kept in ``run_dir/wandb_id.txt``). W&B ignores steps at or below its last one, so
+    rows a crash logged past the checkpoint are not rewritten there."""
+    import uuid
+
+    import wandb
+
+    id_file = Path(run_dir) / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if resume and id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    return wandb.init(dir=str(run_dir), id=run_id, resume="allow", **settings)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -11,8 +11,11 @@ from pathlib import Path
 from rlgen.config import ConfigError, load_config, yaml_load
 
 
-def base_checkpoint(policy_cfg) -> Path:
-    """The starting policy's folder; a missing one is pretrained only when the config asks to."""
+def base_checkpoint(policy_cfg, cfg=None) -> Path:
+    """The starting policy's folder; a missing one is pretrained only when the config asks to: with a
+    ``policy.pretrain_config`` set in the same place (file, or command line) as the checkpoint, so a
+    mistyped ``policy.checkpoint=…`` on the command line is an error, not a new pretraining."""
+    from rlgen.config import origin_of
     from rlgen.runtime.rundir import resolve_checkpoint
 
     p = Path(policy_cfg.checkpoint)
@@ -23,6 +26,11 @@ def base_checkpoint(policy_cfg) -> Path:
             raise ConfigError(f"policy.checkpoint: {p} not found (give an existing checkpoint, run, diffusers or "
                               f"Hugging Face folder, or a Hub id; or set policy.pretrain_config to pretrain a "
                               f"missing base)")
+        ck, pre = (origin_of(cfg, f"policy.{k}") for k in ("checkpoint", "pretrain_config"))
+        if ck != pre:
+            raise ConfigError(f"policy.checkpoint: {p} not found (set in {ck}); policy.pretrain_config (set in "
+                              f"{pre}) pretrains only the base that {pre} names: to pretrain a new base at {p}, "
+                              f"set policy.pretrain_config there too")
         pretrain_base(p, policy_cfg.pretrain_config, policy_cfg.pretrain_overrides)
     if (p / "model_index.json").is_file():  # a diffusers pipeline: its options are checked before any actor loads it
         from rlgen.models import check_load_options

@@ -99,10 +99,9 @@ class PromptSource:
 def _read_lines(p: Path, key: str) -> list[str]:
     if not p.is_file():
         raise FileNotFoundError(f"{key} not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    from rlgen.utils import read_text_file
+
+    text = read_text_file(p)  # a binary or non-UTF-8 file: one line naming the file and line
     lines = []
     for n, ln in enumerate(text.splitlines(), 1):
         ln = ln.strip()

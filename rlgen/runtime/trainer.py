@@ -14,6 +14,7 @@ of (seed, step), so a resumed run repeats the uninterrupted one bit for bit.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -23,9 +24,15 @@ import torch
 from tqdm import tqdm
 
 from rlgen.runtime.job import JobConfig
+from rlgen.runtime.learner import LearnerDied
 from rlgen.runtime.rundir import (MetricsLogger, atomic_checkpoint, find_latest_checkpoint, prepare_run_dir,
                                   prune_checkpoints)
 from rlgen.runtime.workers import eval_row
+
+
+class JobFailed(RuntimeError):
+    """The job cannot go on (a learner rank died): one line naming what failed and the newest
+    complete checkpoint, which ``run.resume=auto`` continues from."""
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -42,6 +49,7 @@ class Trainer:
         self.algo = get_algorithm(cfg.algo.name)(cfg.algo)
         self.online = self.algo.data == "rollouts"
         self.started_ray, self.learners, self.workers = False, None, None
+        self.store, self.ship = None, False  # a URI run.root's RunStore; learners send checkpoint files
         self._inflight, self.eval_history, self.synced = None, [], 0
 
     # ------------------------------------------------------------------------------------------
@@ -68,11 +76,14 @@ class Trainer:
         from rlgen.runtime.setup import (base_checkpoint, check_eval_files, check_resume, check_teacher,
                                          policy_family, precision_note)
 
+        from rlgen.runtime.storage import open_store
+
         c = self.cfg
         self.algo.check_job(c)
+        self.store = open_store(c.run)  # a URI fsspec cannot open is refused here
         if note := precision_note(c):
             print(f"[rlgen] {note}")
-        base = base_checkpoint(c.policy)
+        base = base_checkpoint(c.policy, c)
         family = policy_family(base, self.algo)
         check_teacher(self.algo, base)
         self.modality = get_family(family).modality
@@ -91,6 +102,8 @@ class Trainer:
         if c.eval.benchmark:
             check_options(c.eval.benchmark, c.eval.options)
             check_eval_files(c.eval)
+        if self.store is not None and c.run.resume == "auto":
+            self.store.pull()  # the staging folder ← the URI's files and newest complete checkpoint
         return base, check_resume(c, family)
 
     def _start(self, base: Path) -> None:
@@ -102,11 +115,17 @@ class Trainer:
         reward_workers = r.reward_workers if self.online else 0
         self.started_ray = init_ray(c.ray, r.rollout_workers * r.rollout_cpus + reward_workers * r.reward_cpus
                                     + n * r.learner_cpus)
-        # Ray queues an impossible request forever; refuse it with the numbers instead.
-        check_feasible([{"CPU": r.rollout_cpus, "GPU": r.rollout_gpus, **r.rollout_resources}] * r.rollout_workers
-                       + [{"CPU": r.reward_cpus, "GPU": r.reward_gpus, **r.reward_resources}] * reward_workers
-                       + [{"CPU": r.learner_cpus, "GPU": r.learner_gpus, **r.learner_resources}] * n,
-                       "rollout, reward and learner actors")
+        # Ray queues an impossible request forever; refuse it with the numbers instead (an input
+        # error like any other: one line, exit 2, the run folder not yet touched).
+        try:
+            check_feasible([{"CPU": r.rollout_cpus, "GPU": r.rollout_gpus, **r.rollout_resources}] * r.rollout_workers
+                           + [{"CPU": r.reward_cpus, "GPU": r.reward_gpus, **r.reward_resources}] * reward_workers
+                           + [{"CPU": r.learner_cpus, "GPU": r.learner_gpus, **r.learner_resources}] * n,
+                           "resources: rollout, reward and learner actors")
+        except RuntimeError as e:
+            from rlgen.config import ConfigError
+
+            raise ConfigError(str(e)) from None
         self.workers = Workers(c, str(base), self.modality, self.online)
         spec = LearnerSpec(str(base), c.policy.load_options(), c.policy.lora, c.algo, c.optim, c.learner.zero_stage,
                            c.learner.zero3_persistence_threshold, c.learner.micro_batch_size,
@@ -117,6 +136,9 @@ class Trainer:
         self.workers.start_sync(self.learners)
         self.placement = {"driver": ray.get_runtime_context().get_node_id(), **self.workers.placement(),
                           "learner": node_ids(self.learners.group.actors)}
+        # learners on another node than the driver send their checkpoint files through Ray
+        ship = os.environ.get("RLGEN_SHIP_CHECKPOINTS", "auto")
+        self.ship = ship == "1" or (ship == "auto" and set(self.placement["learner"]) != {self.placement["driver"]})
 
     # ------------------------------------------------------------------------------------------
     # one step
@@ -233,18 +255,21 @@ class Trainer:
         from rlgen.config import save_config
 
         with atomic_checkpoint(self.run_dir, step) as d:
-            self.learners.save(str(d))
+            self.learners.save(str(d), ship=self.ship)
             save_config(self.cfg, d / "config.yaml")
             (d / "driver_state.json").write_text(json.dumps(
                 {"step": step, "eval_history": self.eval_history, "seed": self.cfg.run.seed,
                  "algo": self.cfg.algo.name, "family": self.algo.family}))
         prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        if self.store is not None:  # the checkpoint, then `latest`, then what else changed
+            self.store.push_checkpoint(step, self.cfg.train.keep_checkpoints)
+            self.store.push_files()
 
     def _resume(self, ckpt: Path | None) -> int:
         if ckpt is None:
             return 0
         state = json.loads((ckpt / "driver_state.json").read_text())
-        self.learners.load(str(ckpt))
+        self.learners.load(str(ckpt), ship=self.ship)
         self.synced = self.workers.sync_weights(self.learners)
         self.eval_history = state.get("eval_history", [])
         print(f"[rlgen] resumed from {ckpt} (step {state['step']})")
@@ -265,10 +290,17 @@ class Trainer:
 
                 self.pair_source = PairSource(self.workers.call_first("prepare_pairs", self.pair_set), c.pairs,
                                               c.run.seed)
+            if self.store is not None and c.run.resume == "no":
+                self.store.start_fresh()
             prepare_run_dir(c)
             (self.run_dir / "placement.json").write_text(json.dumps(self.placement, indent=1))
             start = self._resume(resume)
             return self._loop(start)
+        except LearnerDied as e:
+            last = find_latest_checkpoint(self.run_dir)
+            last = self.store.describe(last) if self.store is not None else last
+            raise JobFailed(f"{e}; newest complete checkpoint: {last or 'none'}"
+                            f"{' (run.resume=auto continues from it)' if last else ''}") from None
         finally:
             self.shutdown()
 
@@ -276,7 +308,10 @@ class Trainer:
         from rlgen.runtime.report import write_report
 
         c, t = self.cfg, self.cfg.train
-        log = MetricsLogger(self.run_dir, c.run.tensorboard, resume_step=start if start > 0 else None)
+        from rlgen.config import to_dict
+
+        log = MetricsLogger(self.run_dir, c.run.tensorboard, resume_step=start if start > 0 else None,
+                            wandb=c.run.wandb_settings(to_dict(c)))
         if start == 0:
             log.log(0, **self._evaluate(0, False))
             self._save(0)
@@ -298,7 +333,11 @@ class Trainer:
                 break
         log.close()
         report = write_report(self.run_dir, self.eval_history, title=f"{c.algo.name}: {c.run.name}")
-        return {"steps": step, "eval_history": self.eval_history, "report": str(report), "run_dir": str(self.run_dir)}
+        if self.store is not None:
+            self.store.push_files()
+            report = self.store.describe(report)
+        return {"steps": step, "eval_history": self.eval_history, "report": str(report),
+                "run_dir": self.store.uri if self.store is not None else str(self.run_dir)}
 
     def shutdown(self) -> None:
         for part in (self.learners, self.workers):

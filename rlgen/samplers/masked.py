@@ -11,7 +11,7 @@ Speed-ups here, and whether they change the result:
   its own first unfinished block and a row that is done (answer complete, or ``eos_id`` reached)
   leaves the forward batch. A row's tokens are the same as decoding it alone (greedy decoding; a
   sampled row draws different noise). Batched threshold decoding no longer waits for the slowest
-  row of each block (FEASIBILITY.md, "Decoding speed").
+  row of each block (docs/feasibility.md, "Decoding speed").
 - **``cache="prefix"`` (approximate, Fast-dLLM).** At the start of each block one full forward
   stores the keys/values of every position; later steps of that block feed only the block and the
   suffix and reuse the stored prefix keys/values. In a bidirectional model the prefix's deeper

@@ -46,9 +46,9 @@ def test_impossible_resource_request_fails_fast(small_ray_cluster, n, request_kw
         pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
 
 
-def test_trainer_refuses_an_impossible_request_before_writing_the_run(small_ray_cluster, tmp_path):
-    """The job's own actors (rollout / reward / learner) are checked the same way, and the run
-    folder is not created for a job that cannot start."""
+def test_trainer_refuses_an_impossible_request_before_writing_the_run(small_ray_cluster, tmp_path, capsys):
+    """The job's own actors (rollout / reward / learner) are checked the same way: one line, exit
+    status 2, and the run folder is not created for a job that cannot start."""
     import time
 
     import train_rl
@@ -56,8 +56,9 @@ def test_trainer_refuses_an_impossible_request_before_writing_the_run(small_ray_
 
     policy = tiny_flow_policy(tmp_path / "tiny")
     t0 = time.time()
-    with pytest.raises(RuntimeError, match=r"rollout, reward and learner actors: asks for 1 GPU in all"):
-        train_rl.main(["--config", "configs/rl/flow_grpo_shapes.yaml", f"run.root={tmp_path}", "run.name=r",
-                       f"policy.checkpoint={policy}", "resources.rollout_gpus=1", "resources.rollout_cpus=0.25",
-                       "resources.reward_cpus=0.25", "resources.learner_cpus=0.25", "run.progress=false"])
+    assert train_rl.main(["--config", "configs/rl/flow_grpo_shapes.yaml", f"run.root={tmp_path}", "run.name=r",
+                          f"policy.checkpoint={policy}", "resources.rollout_gpus=1", "resources.rollout_cpus=0.25",
+                          "resources.reward_cpus=0.25", "resources.learner_cpus=0.25", "run.progress=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: resources: rollout, reward and learner actors: asks for 1 GPU in all"), err
     assert time.time() - t0 < 30 and not (tmp_path / "r").exists()

@@ -124,3 +124,74 @@ def test_job_submitted_to_two_nodes_spreads_roles(tmp_path, two_nodes):
     assert placed["learner"] == head
     assert placed["rollout"] == worker and placed["reward"] == worker
     assert placed["driver"] == head[0]  # a job's entrypoint runs on the head node
+
+
+SHIPPED_REWARD = '''"""Exists only in the job's working_dir: a worker that can import it got the shipped code."""
+
+
+def score(samples, prompts, **meta):
+    import torch
+
+    x = samples if isinstance(samples, torch.Tensor) else torch.as_tensor(samples)
+    return x.float().flatten(1).mean(1).tolist()
+'''
+
+
+def shipped_copy(dst: Path, policy_src: Path) -> Path:
+    """The code a job ships as its runtime_env working_dir: this checkout's code and configs (not its
+    model assets), a tiny policy and a reward module that exist nowhere else."""
+    def skip(folder, names):
+        assets = Path(folder) == REPO / "rlgen" / "assets"  # the shipped models: not needed here
+        return {n for n in names if n == "__pycache__" or n.endswith(".pyc") or (assets and n != "README.md")}
+
+    for part in ("rlgen", "rewards", "rollouts", "configs"):
+        shutil.copytree(REPO / part, dst / part, ignore=skip)
+    shutil.copy(REPO / "train_rl.py", dst / "train_rl.py")
+    shutil.copytree(policy_src, dst / "tiny_policy")
+    (dst / "shipped_reward.py").write_text(SHIPPED_REWARD)
+    return dst
+
+
+@pytest.mark.slow  # two raylets, two Ray jobs (the second resumes the first): 3-6 minutes on a busy machine
+def test_job_shipped_as_working_dir_without_a_shared_run_folder(tmp_path, two_nodes):
+    """`ray job submit --working-dir` from a directory that is neither the nodes' nor the code's:
+    every actor runs the shipped code (a reward module and a policy found only there), the learner
+    sits on the second node and sends its checkpoint files to the driver through Ray, and the run
+    folder lives on an fsspec URI (``local://``, the upload path) from which a second job resumes
+    with an empty staging folder, as on a fresh machine."""
+    url, env = two_nodes
+    src = shipped_copy(tmp_path / "src", tiny_flow_policy(tmp_path / "policy"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    staging, remote = tmp_path / "staging", tmp_path / "bucket"
+    runtime_env = {"env_vars": {"RLGEN_STAGING_DIR": str(staging), "OMP_NUM_THREADS": "1"}}
+    job = ["python", "train_rl.py", "--config", "configs/rl/flow_grpo_shapes.yaml", "ray.address=auto",
+           f"run.root=local://{remote}", "run.name=shipped", "run.progress=false", "run.tensorboard=false",
+           "policy.checkpoint=tiny_policy", "rewards={'shipped_reward:score': 1.0}", "prompts.per_step=2",
+           "prompts.group_size=2", "rollout.num_steps=3", "learner.micro_batch_size=2", "train.grid_every=0",
+           "train.save_every=1", "eval.benchmark=", "resources.rollout_threads=1", "resources.learner_threads=1",
+           "resources.learner_resources={rlgen_worker: 1}", "resources.rollout_resources={rlgen_head: 1}",
+           "resources.reward_resources={rlgen_worker: 1}"]
+
+    def submit(*extra: str) -> None:
+        for _ in range(5):  # a busy head may not have its job agent up yet: the job is then not created
+            out = subprocess.run([RAY, "job", "submit", f"--address={url}", f"--working-dir={src}",
+                                  f"--runtime-env-json={json.dumps(runtime_env)}", "--", *job, *extra], cwd=elsewhere,
+                                 env=env, capture_output=True, text=True, timeout=900)
+            log = out.stdout + out.stderr
+            if "No available agent to submit job" not in log:
+                break
+            time.sleep(10)
+        assert out.returncode == 0 and "succeeded" in log, log[-4000:]
+
+    submit("train.steps=2")
+    run = remote / "shipped"
+    assert [r["step"] for r in read_metrics(run)] == [0, 1, 2]
+    assert (run / "checkpoints" / "latest").read_text() == "2" and os.listdir(run / "checkpoints" / "2" / "deepspeed")
+    placed = json.loads((run / "placement.json").read_text())
+    assert placed["learner"] != [placed["driver"]]  # the learner's files came through Ray
+
+    shutil.rmtree(staging)  # the second job starts from the URI alone
+    submit("train.steps=3", "run.resume=auto")
+    assert [r["step"] for r in read_metrics(run)] == [0, 1, 2, 3]
+    assert (run / "checkpoints" / "latest").read_text() == "3" and (run / "report.md").is_file()
