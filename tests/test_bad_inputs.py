@@ -270,7 +270,7 @@ def checkpoint_text_model_for_image_benchmark(tmp):
 @case
 def checkpoint_image_model_for_text_benchmark(tmp):
     return (evaluate(["--checkpoint", str(FLOW), "--benchmark", "countdown", "--set", "n_per_level=1"]), CLIError,
-            r"the countdown benchmark scores masked-diffusion text models; this checkpoint holds a FlowPolicy")
+            r"the countdown benchmark scores text diffusion models; this checkpoint holds a FlowPolicy")
 
 
 # tokenizers
