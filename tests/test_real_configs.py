@@ -1,5 +1,6 @@
 """configs/real/ image-pipeline recipes (the text ones: tests/runtime/test_lms_config.py): the GPU-cluster
-recipes parse, resolve and pass the job's own set-up checks (no weights needed); each header shows how to launch it. A smoke run of one on the tiny SD3 pipeline is in
+recipes parse, resolve and pass the job's own set-up checks (no weights needed); each header shows how to launch it.
+A smoke run of one on the tiny SD3 pipeline is in
 tests/runtime/test_pipelines_e2e.py (slow)."""
 from pathlib import Path
 
