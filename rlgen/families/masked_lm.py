@@ -106,9 +106,17 @@ def policy_folder(policy_cfg) -> Path | None:
     it does not exist yet (set-up pretrains it or names it)."""
     from rlgen.runtime.rundir import resolve_checkpoint
 
+    from rlgen.models import ModelLoadError
+    from rlgen.models.sources import _HUB_ID, resolve_source
+
     p = Path(policy_cfg.checkpoint)
     if not p.exists():
-        return None
+        if not _HUB_ID.match(str(policy_cfg.checkpoint)):
+            return None
+        try:  # a Hub id: its snapshot in the local cache, so the same checks read the same files
+            return resolve_source(policy_cfg.checkpoint).path
+        except ModelLoadError:
+            return None  # set-up names the id and the cache
     return resolve_checkpoint(p) if (p / "checkpoints").is_dir() else p
 
 

@@ -170,3 +170,28 @@ def test_a_model_without_a_mask_token_names_the_key(lms, tmp_path, capsys):
     cfg = load_config(config, [f"run.root={tmp_path}", "run.name=nomask", *COMMON, *args, f"policy.checkpoint={folder}",
                                "policy.mask_token_id=1"])
     assert Trainer(cfg)._check()[0] == folder  # the key is what the check asked for; nothing started
+
+
+def test_a_hub_id_is_checked_like_a_folder(lms, tmp_path, monkeypatch, capsys):
+    """policy.checkpoint=owner/name of a remote-code LM in the local Hugging Face cache: the same start-up
+    checks as for its folder (remote code needs the flag) run on the cached snapshot, before anything starts."""
+    import shutil
+
+    import huggingface_hub.constants as hc
+
+    from rlgen.config import load_config
+    from rlgen.runtime.trainer import Trainer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo, commit = tmp_path / "hub" / "models--acme--tiny-llada", "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(lms["llada"], repo / "snapshots" / commit)  # the layout huggingface_hub writes
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    config, *args = job_args("llada", "mdm_grpo", lms)
+    over = [f"run.root={tmp_path}", "run.name=hub", *COMMON, *args, "policy.checkpoint=acme/tiny-llada"]
+    assert str(Trainer(load_config(config, over))._check()[0]) == "acme/tiny-llada"
+    assert train_rl.main(["--config", config, *over, "policy.trust_remote_code=false"]) == 2
+    err = capsys.readouterr().err
+    assert "policy.trust_remote_code=true" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "hub_run").exists() and not (tmp_path / "hub").joinpath("config.yaml").exists()
