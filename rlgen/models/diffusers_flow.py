@@ -1,7 +1,7 @@
 """Flow policies on real diffusers pipelines (SD3/SD3.5, FLUX.1): latent space, frozen VAE and text encoders.
 
 ``DiffusersFlowPolicy`` wraps a loaded diffusers pipeline and satisfies the flow-policy protocol
-(/work/notes/policy_protocol.md; DESIGN.md "Flow time"): rlgen's samplers run in the *unpacked* VAE latent
+(docs/architecture.md; DESIGN.md "Flow time"): rlgen's samplers run in the *unpacked* VAE latent
 space (C, H/8, W/8) with the pipeline's own σ grid, and ``velocity_fn`` returns the scheduler's
 ``model_output``, which is ``v = ε − x_data`` in rlgen's convention. What differs between pipeline classes
 (prompt encoding, packing, σ shift, CFG vs an embedded guidance scale) lives in one adapter file per class

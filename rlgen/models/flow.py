@@ -7,7 +7,7 @@ convention, see DESIGN.md). Two backbones share one interface ``forward(x, sigma
   (32×32×3 → 16×16×12, then 8×8 and 4×4) so every convolution is cheap; residual blocks are
   conditioned on time + the pooled prompt (``class_embed_type="projection"``), and cross-attend
   to the prompt tokens at the coarse levels. This is what draws recognisable shapes in minutes
-  on a CPU (FEASIBILITY.md, second round).
+  on a CPU (docs/feasibility.md, second round).
 - ``sd3``: diffusers ``SD3Transformer2DModel`` (MMDiT), built tiny from config or loaded from an
   existing diffusers folder (``pretrained_backbone``), so a pretrained SD3 transformer can stand in
   on a GPU machine. Real SD3 also needs its VAE (latent space) and its CLIP/T5 text encoders:

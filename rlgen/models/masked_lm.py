@@ -8,7 +8,7 @@ attention (block diffusion: block ``b`` attends to blocks ``≤ b``; the 4-D mas
 built here). Sources:
 
 - ``MaskedDiffusionLM.tiny(tokenizer, ...)``: a small ``BertForMaskedLM`` trained from scratch here
-  (d=128 × 4 layers ≈ 0.8M parameters, the size FEASIBILITY.md measured to learn 2-digit arithmetic
+  (d=128 × 4 layers ≈ 0.8M parameters, the size docs/feasibility.md measured to learn 2-digit arithmetic
   in minutes on one CPU thread).
 - ``MaskedDiffusionLM.load(folder_or_hub_id, trust_remote_code=..., **options)``: a Hugging Face
   folder (LLaDA / Dream / LLaDA2 with their own code behind ``trust_remote_code``) or an rlgen
