@@ -255,7 +255,8 @@ class MDMGRPO(Algorithm):
     2025, arXiv:2506.20639): per-token PPO-clip on an estimated log-prob plus a k3 KL, with
     group-relative advantages; groups whose rewards are all equal carry no signal and are dropped
     (``skip_uniform_groups``). Each inner iteration draws a fresh plan, shared by policy, old
-    policy and reference (d1's shared mask seed)."""
+    policy and reference (d1's shared mask seed). ``adv_std``, ``loss_agg`` and
+    ``skip_uniform_groups`` switch to d1's exact choices (docs/mdm_grpo.md, "rlgen vs d1")."""
 
     family = "masked_lm"
     config = MDMGRPOConfig
