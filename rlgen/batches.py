@@ -180,6 +180,7 @@ class TextRollout:
     reward_components: dict[str, torch.Tensor] = field(default_factory=dict)
     global_size: int = 0          # real rows (weight 1) in the whole step, all ranks
     seed: int = 0
+    global_tokens: int = 0        # scored answer tokens (order >= 0) of real rows, all ranks (0 = not counted)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -188,6 +189,11 @@ class TextRollout:
     def num_rows_in_buckets(self) -> int:
         return sum(len(b) for b in self.buckets)
 
+    def scored_tokens(self) -> int:
+        """Answer tokens the estimators score (``order >= 0``: eos fill excluded) of real rows: the
+        normaliser of token-level loss aggregation, counted before sharding so every rank shares it."""
+        return int(sum(float(((b.order >= 0).sum(1).float() * b.weight).sum()) for b in self.buckets))
+
     def keep_rows(self, keep: torch.Tensor) -> "TextRollout":
         """Drop rows with ``keep`` False from the buckets (per-row arrays stay indexed by row)."""
         buckets = []
@@ -195,13 +201,15 @@ class TextRollout:
             sel = keep[b.rows].nonzero().squeeze(1)
             if len(sel):
                 buckets.append(b.select(sel))
-        return replace(self, buckets=buckets, global_size=int(sum(float(b.weight.sum()) for b in buckets)))
+        return replace(self, buckets=buckets, global_size=int(sum(float(b.weight.sum()) for b in buckets)),
+                       global_tokens=0)  # recounted at shard()
 
     def shard(self, n: int) -> list["TextRollout"]:
         """n shards with the same buckets, each bucket's rows split evenly; short parts are padded
         with weight-0 copies of the bucket's first row so every rank runs the same passes."""
         gs = self.global_size or int(sum(float(b.weight.sum()) for b in self.buckets))
-        return [replace(self, buckets=bs, global_size=gs) for bs in shard_buckets(self.buckets, n)]
+        gt = self.global_tokens or self.scored_tokens()
+        return [replace(self, buckets=bs, global_size=gs, global_tokens=gt) for bs in shard_buckets(self.buckets, n)]
 
     @staticmethod
     def cat(parts: list["TextRollout"]) -> "TextRollout":

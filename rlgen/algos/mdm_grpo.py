@@ -49,10 +49,16 @@ class MDMGRPOConfig(AlgoConfig):
     kl_beta: float = 0.04          # weight of the k3 KL to the reference (0 = no reference model)
     adv_clip_max: float = 5.0      # advantages clipped to ±this
     inner_iterations: int = 2      # μ: gradient steps per rollout batch, each with a fresh plan
-    skip_uniform_groups: bool = True  # drop groups whose rewards are all equal (zero advantage)
+    # d1-exact options (docs/mdm_grpo.md, "rlgen vs d1"); the defaults are rlgen's measured behaviour:
+    skip_uniform_groups: bool = True  # drop groups whose rewards are all equal; False (d1) keeps them: zero
+    #                                   advantage, but their β·KL term still pulls toward the reference
+    adv_std: bool = True           # advantage (r − group mean) / group std; False (d1): r − group mean
+    loss_agg: str = "sequence"     # sequence: mean over each row's tokens, then over rows | token (d1): sum over
+    #                                every scored token of the step / the step's scored tokens (all ranks)
 
     def __post_init__(self):  # fail at config load, not after the first rollout
         check_choice(self, "estimator", sorted(ESTIMATORS))
+        check_choice(self, "loss_agg", LOSS_AGG)
         if not 0.0 <= self.coupled_t_min <= self.coupled_t_max <= 1.0:
             raise FieldError("coupled_t_min", f"need 0 <= coupled_t_min ({self.coupled_t_min}) <= coupled_t_max "
                                               f"({self.coupled_t_max}) <= 1")
@@ -77,6 +83,7 @@ class ScorePlan:
 
 
 ESTIMATORS: dict[str, Callable] = {}
+LOSS_AGG = ("sequence", "token")
 
 
 def register_estimator(name: str):
@@ -169,7 +176,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     """d1/GRPO loss: per-token PPO-clip + β·k3 KL, averaged over each row's scored tokens, then rows.
 
     logp, old_logp, ref_logp, token_mask (B, G); advantages (B,). Returns (loss, metrics floats);
-    ``reduction="none"`` returns the per-row losses (B,) instead of their mean.
+    ``reduction="none"`` returns the per-row losses (B,) instead of their mean; ``"sum"`` the per-row
+    SUMS over scored tokens (B,), for token-level aggregation (d1: divide by the total token count).
     """
     adv = advantages.clamp(-adv_clip_max, adv_clip_max)[:, None]  # (B, 1)
     m = token_mask.float()
@@ -181,9 +189,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     if ref_logp is not None and kl_beta > 0:
         kl = k3_kl(logp, ref_logp)
         per_token = per_token + kl_beta * kl
-    n_tok = m.sum(dim=1).clamp_min(1.0)  # (B,)
-    row_loss = (per_token * m).sum(dim=1) / n_tok  # (B,)
-    loss = row_loss if reduction == "none" else row_loss.mean()
+    row_sum = (per_token * m).sum(dim=1)  # (B,)
+    row_loss = row_sum / m.sum(dim=1).clamp_min(1.0)  # (B,)
+    loss = {"none": row_loss, "sum": row_sum}.get(reduction, row_loss.mean())
     with torch.no_grad():
         total = m.sum().clamp_min(1.0)
         metrics = {"clip_frac": float(((clipped > unclipped).float() * m).sum() / total),
@@ -191,6 +199,19 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                    "ratio_mean": float((ratio * m).sum() / total),
                    "approx_kl_old": float(((old_logp - logp) * m).sum() / total)}
     return loss, metrics
+
+
+def centred_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) r − group mean, not divided by the group std (d1, Dr. GRPO: Liu et al. 2025,
+    arXiv:2503.20783, which argue the std division over-weights near-uniform groups). NaN rewards
+    are left out of the mean and get 0, as in :func:`group_advantages`."""
+    r = rewards.double()
+    valid = ~torch.isnan(r)
+    _, gid = torch.unique(group_ids, return_inverse=True)  # (B,) group index
+    zeros = torch.zeros(int(gid.max()) + 1 if len(gid) else 0, dtype=torch.float64, device=r.device)
+    r0 = torch.where(valid, r, torch.zeros_like(r))
+    mean = zeros.index_add(0, gid, r0) / zeros.index_add(0, gid, valid.double()).clamp_min(1)  # (groups,)
+    return torch.where(valid, r - mean[gid], torch.zeros_like(r)).to(rewards.dtype)
 
 
 def mixed_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -234,7 +255,8 @@ class MDMGRPO(Algorithm):
     2025, arXiv:2506.20639): per-token PPO-clip on an estimated log-prob plus a k3 KL, with
     group-relative advantages; groups whose rewards are all equal carry no signal and are dropped
     (``skip_uniform_groups``). Each inner iteration draws a fresh plan, shared by policy, old
-    policy and reference (d1's shared mask seed)."""
+    policy and reference (d1's shared mask seed). ``adv_std``, ``loss_agg`` and
+    ``skip_uniform_groups`` switch to d1's exact choices (docs/mdm_grpo.md, "rlgen vs d1")."""
 
     family = "masked_lm"
     config = MDMGRPOConfig
@@ -248,7 +270,8 @@ class MDMGRPO(Algorithm):
             raise ValueError(BLOCK_CAUSAL_ESTIMATOR.format(estimator=self.cfg.estimator))
 
     def advantages(self, batch: TextRollout) -> TextRollout:
-        batch.advantages = group_advantages(batch.rewards, batch.group_ids)  # (N,)
+        adv = group_advantages if self.cfg.adv_std else centred_advantages
+        batch.advantages = adv(batch.rewards, batch.group_ids)  # (N,)
         if self.cfg.skip_uniform_groups:
             return batch.keep_rows(mixed_groups(batch.rewards, batch.group_ids))
         return batch
@@ -293,8 +316,13 @@ class MDMGRPO(Algorithm):
                            tokens, banned)  # (b, G) through the trained forward
         old = lp.detach() if old is None else old[lo:hi]
         adv = batch.advantages[b.rows[lo:hi]].to(dev).float()  # (b,)
+        token = a.loss_agg == "token"
         rows, m = policy_loss(lp, old, adv, plan.token_mask.to(dev), a.clip_range, None if ref is None else ref[lo:hi],
-                              a.kl_beta, a.adv_clip_max, reduction="none")
+                              a.kl_beta, a.adv_clip_max, reduction="sum" if token else "none")
         w = b.weight[lo:hi].to(dev)
+        if token:  # d1: Σ over the step's scored tokens / their count over ALL ranks (shard() counts it)
+            ctx.engine.backward((rows * w).sum() / max(batch.global_tokens or batch.scored_tokens(), 1))
+            n_tok = (plan.token_mask.to(dev).float().sum(1) * w).sum().clamp_min(1.0)
+            return {"loss": float((rows * w).detach().sum() / n_tok), **m}
         ctx.engine.backward((rows * w).sum() / batch.global_size)
         return {"loss": float((rows * w).detach().sum() / w.sum().clamp_min(1.0)), **m}

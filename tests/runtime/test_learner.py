@@ -66,6 +66,7 @@ def world(tmp_path_factory):
     assert len(text_batch.buckets) == 2 and any(len(b) % 2 for b in text_batch.buckets)  # odd: shards are padded
     pairs = text_pairs_batch(lm, n=5)
     text_algo, vrpo_algo = MDMGRPOConfig(kl_beta=0.04, inner_iterations=2), VRPOConfig(beta=0.5, n_samples=4)
+    token_algo = MDMGRPOConfig(kl_beta=0.04, inner_iterations=2, loss_agg="token")  # d1: / the step's token count
     ray_dir = tempfile.mkdtemp(prefix="rlgen_learner_ray_", dir="/tmp")  # short: Ray's socket paths are limited
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_dir, log_to_driver=False)
     yield dict(
@@ -73,6 +74,8 @@ def world(tmp_path_factory):
                   trained=torch_update(flow, FlowGRPO(FLOW_ALGO), flow_batch, PolicyVelocity)),
         text=dict(policy=lm, path=str(root / "lm"), batch=text_batch, algo=text_algo,
                   trained=torch_update(lm, MDMGRPO(text_algo), text_batch)),
+        text_token=dict(policy=lm, path=str(root / "lm"), batch=text_batch, algo=token_algo,
+                        trained=torch_update(lm, MDMGRPO(token_algo), text_batch)),
         vrpo=dict(policy=lm, path=str(root / "lm"), batch=pairs, algo=vrpo_algo,
                   trained=torch_update(lm, VRPO(vrpo_algo), pairs)))
     ray.shutdown()
@@ -105,7 +108,7 @@ def test_one_learner_matches_the_single_process_update(world, one_flow_learner):
     assert max_diff(weights, params_np(case["policy"])) > 1e-4  # the update did move the weights
 
 
-@pytest.mark.parametrize("kind", ["flow", "text", "vrpo"])
+@pytest.mark.parametrize("kind", ["flow", "text", "text_token", "vrpo"])
 def test_two_zero2_learners_take_the_same_step_as_one(world, kind):
     """2 ranks on half the rows each (uneven text buckets padded with weight-0 rows) = 1 process."""
     case = world[kind]
