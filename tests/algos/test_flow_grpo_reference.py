@@ -81,7 +81,8 @@ def test_ddof0_advantages_are_numpy_std_advantages():
     valid = [1.0, 2.0, 4.0, 3.0, 3.0, 0.0, 1.0]
     sg = float(np.std(valid))
     got = flow_grpo_advantages(rewards, gids, eps, global_std=True, ddof=0)
-    assert got[0].item() == pytest.approx((1 - 7 / 3) / (sg + eps)) and got[6].item() == pytest.approx(-0.5 / (sg + eps))
+    assert got[0].item() == pytest.approx((1 - 7 / 3) / (sg + eps))
+    assert got[6].item() == pytest.approx(-0.5 / (sg + eps))
     # ddof 1 is today's group_advantages: group 2's std is sqrt(0.5)
     got = flow_grpo_advantages(rewards, gids, eps, global_std=False, ddof=1)
     assert got[6].item() == pytest.approx(-0.5 / (math.sqrt(0.5) + eps))
