@@ -33,7 +33,8 @@ import torch
 
 from rlgen.algos.advantages import group_advantages
 from rlgen.algos.base import Accumulator, AlgoConfig, Algorithm, LearnerContext, TeacherSpec, register_algorithm
-from rlgen.algos.flow_grpo import FlowGRPO, FlowGRPOConfig, kl_to_ref, reduce_over_dims, step_loss
+from rlgen.algos.flow_grpo import (FlowGRPO, FlowGRPOConfig, kl_to_ref, kl_unit_scale, policy_loss, reduce_over_dims,
+                                   step_loss)
 from rlgen.algos.mdm_grpo import banned_ids, plan_logprobs, trajectory_plan
 from rlgen.batches import TextRollout
 from rlgen.config import FieldError, check_choice, check_range
@@ -54,11 +55,17 @@ class FlowOPDConfig(FlowGRPOConfig):
     distill_weight: float = 1.0      # weight of KL(student step ‖ teacher step)
     reward_weight: float = 0.0       # weight of Flow-GRPO's clipped reward term (0 = pure distillation)
     kl_beta: float = 0.0             # KL to the reference: off by default (the teacher anchors the student)
+    # direct: minimise the closed-form step KL to the teacher (its gradient) | ppo: Flow-GRPO's PPO-clip on
+    # the step ratio with advantage −KL(student step ‖ teacher step), detached (Flow-OPD's default)
+    mode: str = "direct"
 
     eval_teacher: bool = True        # score the teacher once at step 0 (the held-out gap the student should close)
 
     def __post_init__(self):
         super().__post_init__()
+        check_choice(self, "mode", ("direct", "ppo"))
+        if self.drop_zero_adv_groups:
+            raise FieldError("drop_zero_adv_groups", "is a Flow-GRPO option; flow_opd trains every row on the teacher")
         check_range(self, "distill_weight", lo=0)
         check_range(self, "reward_weight", lo=0)
         check_range(self, "teacher_cfg_scale", lo=0)
@@ -81,22 +88,34 @@ def velocity_kl_weight(sigma: float, sigma_next: float, noise_level: float) -> f
 
 def image_step_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                     mean: torch.Tensor, teacher_mean: torch.Tensor, ref_mean: torch.Tensor | None,
-                    std: torch.Tensor | float, num_dims: int, cfg: FlowOPDConfig) -> tuple[torch.Tensor, dict]:
+                    std: torch.Tensor | float, num_dims: int, cfg: FlowOPDConfig,
+                    kl_scale: float = 1.0) -> tuple[torch.Tensor, dict]:
     """One denoising step's OPD loss for a micro-batch.
 
     ``distill_weight·KL(student ‖ teacher)`` (closed form, reduced over dims like Flow-GRPO's KL,
     then averaged over the batch) ``+ reward_weight·(Flow-GRPO step loss)`` when reward_weight > 0.
+    With ``mode="ppo"`` the distillation term is instead Flow-GRPO's PPO-clip on the step's ratio
+    with advantage −KL (detached; clamped to ±adv_clip_max like rewards' advantages).
     mean, teacher_mean (b, C, H, W): the two steps' means from the same state; log-probs (b,).
+    ``kl_scale`` (``kl_units``) scales the KL to the reference only.
     """
     kl = reduce_over_dims(kl_to_ref(mean, teacher_mean, std), num_dims, cfg.kl_reduction)  # (b,)
-    loss = cfg.distill_weight * kl.mean()
     metrics = {"distill_kl": kl.mean().item()}
+    if cfg.mode == "ppo":
+        lp = reduce_over_dims(log_prob, num_dims, cfg.log_prob_reduction)
+        old = reduce_over_dims(old_log_prob, num_dims, cfg.log_prob_reduction)
+        pg, pg_metrics = policy_loss(lp, old, -kl.detach(), cfg.clip_range, cfg.adv_clip_max)
+        loss = cfg.distill_weight * pg
+        metrics.update({f"distill_{k}": v for k, v in pg_metrics.items()})
+    else:
+        loss = cfg.distill_weight * kl.mean()
     if cfg.reward_weight > 0:
-        rl_loss, rl_metrics = step_loss(log_prob, old_log_prob, advantages, mean, ref_mean, std, num_dims, cfg)
+        rl_loss, rl_metrics = step_loss(log_prob, old_log_prob, advantages, mean, ref_mean, std, num_dims, cfg,
+                                        kl_scale)
         loss = loss + cfg.reward_weight * rl_loss
         metrics.update(rl_metrics)
     elif cfg.kl_beta > 0:  # a pure-distillation run may still anchor to the reference
-        ref_kl = reduce_over_dims(kl_to_ref(mean, ref_mean, std), num_dims, cfg.kl_reduction).mean()
+        ref_kl = reduce_over_dims(kl_to_ref(mean, ref_mean, std), num_dims, cfg.kl_reduction).mean() * kl_scale
         loss = loss + cfg.kl_beta * ref_kl
         metrics["kl"] = ref_kl.item()
     metrics["loss"] = loss.item()
@@ -220,8 +239,9 @@ class FlowOPD(FlowGRPO):
 
     def step_loss(self, ctx, mb, j, out, ref_mean, x):
         old_lp, adv = mb.log_probs[:, j].to(x.device), mb.advantages.to(x.device).float()
+        kl_scale = kl_unit_scale(float(mb.sigmas[j]), float(mb.sigmas[j + 1]), self.cfg.kl_units)
         return image_step_loss(out.log_prob, old_lp, adv, out.mean, self._teacher_mean, ref_mean, out.std,
-                               x[0].numel(), self.cfg)
+                               x[0].numel(), self.cfg, kl_scale)
 
 
 @register_algorithm("mdm_opd")

@@ -14,7 +14,7 @@ from torch import nn
 from rlgen.batches import ImageRollout
 from rlgen.config import FieldError, check_range
 from rlgen.families import Family, register_family
-from rlgen.samplers.flow import sample
+from rlgen.samplers.flow import cfg_combine, sample
 
 
 @dataclass
@@ -56,8 +56,21 @@ class PolicyVelocity(nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, prompts, x: torch.Tensor, sigma: torch.Tensor, cfg_scale: float = 1.0) -> torch.Tensor:
-        return self.policy.velocity_fn(prompts, cfg_scale)(x, sigma)
+    def forward(self, prompts, x: torch.Tensor, sigma: torch.Tensor, cfg_scale: float = 1.0,
+                cfg_detach_uncond: bool | None = None) -> torch.Tensor:
+        """``cfg_detach_uncond`` (None: the policy's own behaviour) True runs the unconditional CFG
+        branch without gradient, as Flow-GRPO's training step does: pipelines take the option
+        themselves; for rlgen's pixel models (both branches in one pass otherwise) it is done here."""
+        if cfg_detach_uncond is None:
+            return self.policy.velocity_fn(prompts, cfg_scale)(x, sigma)
+        if hasattr(self.policy, "cfg_detach_uncond"):  # a diffusers pipeline
+            return self.policy.velocity_fn(prompts, cfg_scale, cfg_detach_uncond=cfg_detach_uncond)(x, sigma)
+        if not cfg_detach_uncond or cfg_scale == 1.0 or not torch.is_grad_enabled():
+            return self.policy.velocity_fn(prompts, cfg_scale)(x, sigma)
+        v_c = self.policy.velocity_fn(prompts, 1.0)(x, sigma)  # (b, C, H, W) with gradient
+        with torch.no_grad():
+            v_u = self.policy.velocity_fn([""] * len(prompts), 1.0)(x, sigma)  # the "" prompt, as FlowPolicy's CFG
+        return cfg_combine(v_c, v_u, cfg_scale)
 
 
 def sde_mask_for(num_steps: int, window: int, generator: torch.Generator | None, start: int = -1) -> torch.Tensor:
