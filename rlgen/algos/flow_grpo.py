@@ -286,8 +286,9 @@ class FlowGRPO(Algorithm):
         steps = choose_train_steps(batch.sde_mask, c.timestep_fraction, generator)
         n_micro = len(batch) // micro
         per_update = n_micro // c.num_minibatches
-        # each backward is 1/(micro-batches per update × train steps) of the update's mean loss
-        scale = float(per_update * len(steps))
+        # each backward is 1/(micro-batches per update × train steps) of this rank's mean loss, and the
+        # rank's mean is 1/world_size of the step's (equal shards; the engine undoes DeepSpeed's averaging)
+        scale = float(per_update * len(steps) * ctx.world_size)
         acc, grad_norms = Accumulator(), []
         ctx.policy.train()
         for _ in range(c.num_inner_epochs):
