@@ -55,6 +55,8 @@ class MDMGRPOConfig(AlgoConfig):
     adv_std: bool = True           # advantage (r − group mean) / group std; False (d1): r − group mean
     loss_agg: str = "sequence"     # sequence: mean over each row's tokens, then over rows | token (d1): sum over
     #                                every scored token of the step / the step's scored tokens (all ranks)
+    ref_refresh_every: int = 0     # 0: the reference stays the base | N (d1's sync): it becomes the policy after
+    #                                every N-th update (full fine-tuning, ZeRO <= 2; kept in checkpoints)
 
     def __post_init__(self):  # fail at config load, not after the first rollout
         check_choice(self, "estimator", sorted(ESTIMATORS))
@@ -67,6 +69,7 @@ class MDMGRPOConfig(AlgoConfig):
         check_range(self, "kl_beta", lo=0)
         check_range(self, "adv_clip_max", lo=0, lo_open=True)
         check_range(self, "inner_iterations", lo=1)
+        check_range(self, "ref_refresh_every", lo=0)
 
 
 @dataclass
@@ -266,6 +269,14 @@ class MDMGRPO(Algorithm):
         from rlgen.families.masked_lm import check_masked_lm_job
 
         conv = check_masked_lm_job(job)
+        n = self.cfg.ref_refresh_every
+        for bad, why in ((n and job.policy.lora.rank > 0, "policy.lora.rank > 0 (the reference is the base with "
+                                                           "the adapter off: nothing to refresh)"),
+                         (n and job.learner.zero_stage == 3, "learner.zero_stage=3 (the policy it would copy is "
+                                                             "partitioned over the ranks)"),
+                         (n and self.cfg.kl_beta == 0, "algo.kl_beta=0 (there is no reference)")):
+            if bad:
+                raise ValueError(f"algo.ref_refresh_every={n} refreshes a frozen reference copy: not with {why}")
         if conv is not None and conv.attention == "block_causal" and self.cfg.estimator != "trajectory":
             raise ValueError(BLOCK_CAUSAL_ESTIMATOR.format(estimator=self.cfg.estimator))
 

@@ -114,9 +114,24 @@ class Learner:
 
     def train(self, batch) -> dict:
         """One step of the algorithm on this rank's shard."""
+        every = getattr(self.spec.algo_cfg, "ref_refresh_every", 0)
+        if every and self.version and self.version % every == 0:
+            self._refresh_reference()  # here, not after the update: a resumed rank does the same
         metrics = self.algo.update(self.ctx, batch)
         self.version += 1
         return metrics
+
+    def _refresh_reference(self) -> None:
+        """The reference becomes the policy (d1's periodic sync; a full copy, ZeRO <= 2: set-up refuses others)."""
+        with torch.no_grad():
+            for r, p in zip(self.ref_policy.parameters(), self.policy.parameters(), strict=True):
+                r.copy_(p.detach())
+
+    def get_reference_weights(self) -> dict[str, np.ndarray] | None:
+        """The frozen reference copy's weights (None when the reference is the adapter-disabled base)."""
+        if self.ref_policy is None:
+            return None
+        return {n: p.detach().float().cpu().numpy() for n, p in self.ref_policy.named_parameters()}
 
     def get_weights(self) -> tuple[int, dict[str, np.ndarray] | None]:
         """(version, trainable weights as fp32 numpy) on rank 0, (version, None) elsewhere. Collective."""
@@ -142,6 +157,8 @@ class Learner:
             if self.rank == 0:
                 self.family.save(self._export_policy(weights), path, self.spec.lora)
             self.strategy.save(self.engine, path, {"version": self.version})
+            if getattr(self.spec.algo_cfg, "ref_refresh_every", 0) and self.rank == 0:
+                self._save_reference(path)
             return read_tree(path) if ship else None
         finally:
             if ship:
@@ -171,10 +188,38 @@ class Learner:
             write_tree(files, Path(path))
         try:
             self.version = int(self.strategy.load(self.engine, Path(path)).get("version", 0))
+            if getattr(self.spec.algo_cfg, "ref_refresh_every", 0):
+                self._load_reference(Path(path))
         finally:
             if files is not None:
                 shutil.rmtree(path, ignore_errors=True)
         return self.version
+
+
+    def _save_reference(self, path: Path) -> None:
+        """A refreshed reference is state a resumed run needs (safetensors: loading runs no code)."""
+        from safetensors.torch import save_file
+
+        from rlgen.runtime.engine import DS_SUBDIR
+
+        state = {n: p.detach().contiguous().cpu() for n, p in self.ref_policy.named_parameters()}
+        save_file(state, str(Path(path) / DS_SUBDIR / REFERENCE_FILE))
+
+    def _load_reference(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        from rlgen.runtime.engine import DS_SUBDIR
+
+        f = path / DS_SUBDIR / REFERENCE_FILE
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing; a run with algo.ref_refresh_every resumes its reference from it")
+        state = load_file(str(f))
+        with torch.no_grad():
+            for n, p in self.ref_policy.named_parameters():
+                p.copy_(state[n])
+
+
+REFERENCE_FILE = "reference.safetensors"
 
 
 class LearnerDied(RuntimeError):
@@ -243,6 +288,9 @@ class LearnerGroup:
 
     def local_param_numel(self) -> list[int]:
         return self._call("local_param_numel")
+
+    def get_reference_weights(self) -> dict[str, np.ndarray] | None:
+        return self._call("get_reference_weights")[0]
 
     def _call(self, method: str, *args, sharded: bool = False) -> list:
         """Every rank runs ``method``; a rank that died is a ``LearnerDied`` at once (not a hang in

@@ -183,3 +183,45 @@ def test_load_numpy_weights_rejects_mismatches(world):
     assert max_diff(params_np(policy), before) == 0  # nothing was copied
     load_numpy_weights(policy, {name: state[name]}, strict=False)  # a subset, e.g. LoRA weights
     assert np.array_equal(params_np(policy)[name], state[name])
+
+
+def test_reference_refresh_every_n_updates_survives_a_resume(world, tmp_path):
+    """algo.ref_refresh_every=2 (d1's reference sync): the reference is the base for updates 1-2, then the
+    policy as it was after update 2; a checkpoint at version 3 restores that reference, and the update
+    after the resume is the one the uninterrupted group made."""
+    import dataclasses
+
+    case = dict(world["text"], algo=dataclasses.replace(world["text"]["algo"], ref_refresh_every=2))
+    base = params_np(case["policy"])
+    group = start_group(case, 1, micro=0)
+    try:
+        for _ in range(2):
+            group.train(case["batch"])
+        _, w2 = group.get_weights()
+        assert max_diff(group.get_reference_weights(), base) == 0  # not yet refreshed
+        group.train(case["batch"])  # refreshes first, then trains against the policy of update 2
+        assert max_diff(group.get_reference_weights(), w2) == 0 and max_diff(w2, base) > 1e-4
+        group.save(tmp_path / "ckpt")
+        group.train(case["batch"])
+        _, w4 = group.get_weights()
+        group.train(case["batch"])  # refreshed to w4 first
+        assert max_diff(group.get_reference_weights(), w4) == 0
+        group.load(tmp_path / "ckpt")  # the same ranks: the reference must come back from the checkpoint
+        assert group.version == 3 and max_diff(group.get_reference_weights(), w2) == 0
+        group.train(case["batch"])
+        assert max_diff(group.get_weights()[1], w4) <= 1e-6
+    finally:
+        group.shutdown()
+
+
+def test_reference_refresh_is_refused_where_there_is_no_copy_to_refresh():
+    from rlgen.algos.base import get_algorithm
+    from rlgen.config import load_config
+
+    for extra, why in ((["policy.lora.rank=4"], "policy.lora.rank > 0"), (["learner.zero_stage=3"], "zero_stage=3"),
+                       (["algo.kl_beta=0"], "algo.kl_beta=0")):
+        cfg = load_config("configs/rl/mdm_grpo_arith.yaml", ["algo.ref_refresh_every=2", *extra])
+        with pytest.raises(ValueError, match=f"algo.ref_refresh_every=2 refreshes a frozen reference copy: not with .*{why}"):
+            get_algorithm("mdm_grpo")(cfg.algo).check_job(cfg)
+    cfg = load_config("configs/rl/mdm_grpo_arith.yaml", ["algo.ref_refresh_every=2"])
+    get_algorithm("mdm_grpo")(cfg.algo).check_job(cfg)  # full fine-tuning, ZeRO-2, a KL: accepted
