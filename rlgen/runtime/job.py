@@ -21,6 +21,7 @@ from rlgen.data.text_dataset import TextDatasetConfig
 from rlgen.families import LoraSpec
 from rlgen.models.hf_lm import ConventionOptions
 from rlgen.runtime.cluster import RayConfig
+from rlgen.runtime.ema import EmaConfig
 from rlgen.runtime.engine import OptimConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -176,6 +177,9 @@ class TrainConfig:
     # How weights reach the rollout workers: numpy through the object store, or a broadcast in a
     # torch.distributed group of learner rank 0 and the rollout workers (NCCL on CUDA, gloo on CPU).
     weight_sync: Literal["object_store", "collective"] = "object_store"
+    # An EMA of the trainable weights (Flow-GRPO's SD3 recipes: decay 0.9, every 8): evaluation and
+    # the checkpoints' policy folders use it; training and rollouts use the raw policy (rlgen/runtime/ema.py).
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
     def __post_init__(self):
         check_range(self, "steps", lo=1)
@@ -250,6 +254,9 @@ class JobConfig:
             self.rollout = get_family(algo.family).rollout_config()
         check_choice(self, "reward_nan", ("error", "drop"))
         check_range(self, "reward_timeout_s", lo=0)
+        if self.train.ema.enabled and self.learner.zero_stage == 3:  # rank 0 averages the full parameters it holds
+            raise FieldError("train.ema.decay", f"an EMA ({self.train.ema.decay}) needs the full parameters on learner "
+                                                f"rank 0: not with learner.zero_stage=3 (use 0-2)")
         if not self.policy.checkpoint:
             raise FieldError("policy.checkpoint", "is empty: name the starting model (a folder or Hub id)")
         if algo.data == "rollouts":

@@ -26,7 +26,7 @@ import torch
 from rlgen.algos.base import LearnerContext, TeacherSpec, get_algorithm
 from rlgen.families import LoraSpec, family_of
 from rlgen.runtime.actor_group import RayActorGroup
-from rlgen.runtime.engine import DeepSpeedStrategy, OptimConfig, load_numpy_weights, trainable_parameters
+from rlgen.runtime.engine import DS_SUBDIR, DeepSpeedStrategy, OptimConfig, load_numpy_weights, trainable_parameters
 
 
 @dataclass
@@ -46,6 +46,7 @@ class LearnerSpec:
     seed: int = 0
     num_threads: int = 1
     extra: dict = field(default_factory=dict)
+    ema: Any = None                      # rlgen.runtime.ema.EmaConfig (train.ema); None or decay 0 = off
 
 
 def load_teacher(spec: TeacherSpec, device, dtype, load_options: dict):
@@ -100,6 +101,11 @@ class Learner:
         self.algo.setup(self.ctx)
         self.version = 0
         self._export = None
+        self.ema = None  # rank 0 only: the other ZeRO <= 2 ranks hold the same parameters
+        if spec.ema is not None and spec.ema.enabled and rank == 0:
+            from rlgen.runtime.ema import PolicyEma
+
+            self.ema = PolicyEma(trainable_parameters(self.policy), spec.ema)
 
     def _reference(self):
         if self.spec.lora.enabled:
@@ -119,6 +125,8 @@ class Learner:
             self._refresh_reference()  # here, not after the update: a resumed rank does the same
         metrics = self.algo.update(self.ctx, batch)
         self.version += 1
+        if self.ema is not None:
+            self.ema.update(trainable_parameters(self.policy), self.version)
         return metrics
 
     def _refresh_reference(self) -> None:
@@ -137,6 +145,10 @@ class Learner:
         """(version, trainable weights as fp32 numpy) on rank 0, (version, None) elsewhere. Collective."""
         return self.version, self.strategy.gather_numpy(trainable_parameters(self.policy))
 
+    def get_ema_weights(self) -> dict[str, np.ndarray] | None:
+        """The EMA of the trainable weights (fp32 numpy) on rank 0; None elsewhere or with the EMA off."""
+        return self.ema.numpy() if self.ema is not None else None
+
     def local_param_numel(self) -> int:
         """Parameter elements this rank stores (under ZeRO-3, about 1/K of the model)."""
         return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.policy.parameters())
@@ -154,11 +166,14 @@ class Learner:
         path = Path(tempfile.mkdtemp(prefix="rlgen-save-")) if ship else Path(path)
         try:
             _, weights = self.get_weights()
-            if self.rank == 0:
-                self.family.save(self._export_policy(weights), path, self.spec.lora)
-            self.strategy.save(self.engine, path, {"version": self.version})
+            if self.rank == 0:  # the policy folder holds the EMA when there is one (what Flow-GRPO saves)
+                self.family.save(self._export_policy(self.ema.numpy() if self.ema else weights), path,
+                                 self.spec.lora)
+            self.strategy.save(self.engine, path, {"version": self.version})  # the raw weights, for a resume
             if getattr(self.spec.algo_cfg, "ref_refresh_every", 0) and self.rank == 0:
                 self._save_reference(path)
+            if self.ema is not None:
+                self.ema.save(path / DS_SUBDIR)
             return read_tree(path) if ship else None
         finally:
             if ship:
@@ -190,6 +205,8 @@ class Learner:
             self.version = int(self.strategy.load(self.engine, Path(path)).get("version", 0))
             if getattr(self.spec.algo_cfg, "ref_refresh_every", 0):
                 self._load_reference(Path(path))
+            if self.ema is not None:
+                self.ema.load(Path(path) / DS_SUBDIR)
         finally:
             if files is not None:
                 shutil.rmtree(path, ignore_errors=True)
@@ -285,6 +302,9 @@ class LearnerGroup:
             files = {f"{DS_SUBDIR}/{k}": v for k, v in read_tree(Path(path) / DS_SUBDIR).items()}
         self.version = self._call("load", str(path), files)[0]
         return self.version
+
+    def get_ema_weights(self) -> dict[str, np.ndarray] | None:
+        return self._call("get_ema_weights")[0]
 
     def local_param_numel(self) -> list[int]:
         return self._call("local_param_numel")

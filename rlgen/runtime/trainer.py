@@ -130,7 +130,7 @@ class Trainer:
         spec = LearnerSpec(str(base), c.policy.load_options(), c.policy.lora, c.algo, c.optim, c.learner.zero_stage,
                            c.learner.zero3_persistence_threshold, c.learner.micro_batch_size,
                            c.policy.dtype == "bfloat16", c.policy.gradient_checkpointing, c.run.seed,
-                           r.learner_threads or max(1, int(r.learner_cpus)))
+                           r.learner_threads or max(1, int(r.learner_cpus)), ema=c.train.ema)
         self.learners = LearnerGroup(spec, n, num_cpus=r.learner_cpus, num_gpus=r.learner_gpus,
                                      strategy=c.learner.placement_strategy, resources=dict(r.learner_resources))
         self.workers.start_sync(self.learners)
@@ -221,11 +221,13 @@ class Trainer:
             return {}
         if not self.online and self.synced != self.learners.version:  # offline: worker 0 evaluates the learners' weights
             self.synced = self.workers.sync_weights(self.learners)
-        res = self.workers.call_first("evaluate", e.benchmark, self._eval_request())
+        # train.ema: worker 0 evaluates the learners' EMA, swapped in for these calls only
+        ema = ray.put(self.learners.get_ema_weights()) if c.train.ema.enabled else None
+        res = self.workers.evaluate(e.benchmark, self._eval_request(), ema)
         row = eval_row(res)
         if e.pass_k > 1 and (step == 0 or final):
-            s = self.workers.call_first("evaluate", e.benchmark, self._eval_request(
-                samples_per_prompt=e.pass_k, options={**e.options, "temperature": 1.0}, return_samples=False))
+            s = self.workers.evaluate(e.benchmark, self._eval_request(
+                samples_per_prompt=e.pass_k, options={**e.options, "temperature": 1.0}, return_samples=False), ema)
             row.update({"eval/sampled_accuracy": s["accuracy"], f"eval/pass_at_{e.pass_k}": s[f"pass_at_{e.pass_k}"]})
         teacher = self.algo.teacher()
         if step == 0 and teacher is not None and teacher.eval_options is not None:

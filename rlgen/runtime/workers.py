@@ -200,6 +200,16 @@ class Workers:
 
         return get_with_retries(call(), call, lambda err: self._recover_rollout_worker(0, err))
 
+    def evaluate(self, benchmark: str, request: dict, weights=None) -> dict:
+        """Rollout worker 0 runs ``benchmark`` on its policy, or, given ``weights`` (an object ref of
+        ``{name: np.ndarray}``, e.g. the learners' EMA), on its policy with those weights swapped in
+        for this call only: its own come back before any later call (the next rollout) runs."""
+        if weights is None:
+            return self.call_first("evaluate", benchmark, request)
+        from rlgen.runtime.ema import evaluate_with_weights
+
+        return self.call_first("__ray_call__", evaluate_with_weights, weights, benchmark, request)
+
     def shutdown(self) -> None:
         for a in self.rollout_workers + self.reward_workers:
             ray.kill(a)
