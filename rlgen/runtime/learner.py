@@ -10,7 +10,8 @@ scaling in rlgen/runtime/engine.py makes K ranks take the step one rank takes
 
 Weight sync: ``get_weights() -> (version, {name: np.ndarray})`` holds the parameters that train —
 all of them under full fine-tuning, the adapter's ``lora_A``/``lora_B`` under LoRA — and rollout
-workers copy them in place (rlgen/runtime/weight_sync.py).
+workers copy them in place (rlgen/runtime/weight_sync.py). With ``train.ema`` rank 0 also keeps an
+EMA of those weights (rlgen/runtime/ema.py) for evaluation and the saved policy folder.
 """
 from __future__ import annotations
 
