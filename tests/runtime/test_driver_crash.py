@@ -1,6 +1,7 @@
 """Driver crash: SIGKILL train_rl.py while it writes a checkpoint, resume with run.resume=auto, and
 finish with the same metrics steps and the same final weights as an uninterrupted run of the same
-seed (CPU) — for an image RL job, a text RL job and an offline preference job alike."""
+seed (CPU) — for every registered job: image and text RL, REINFORCE, image and text distillation, and
+both offline preference jobs."""
 import os
 import shutil
 import signal
@@ -46,10 +47,11 @@ def weights(ckpt: Path) -> dict:
 
 
 @pytest.mark.slow  # three short Ray jobs per case
-@pytest.mark.parametrize("job", ["flow_grpo", "mdm_grpo", "diffusion_dpo"])
+@pytest.mark.parametrize("job", ["flow_grpo", "mdm_grpo", "diffusion_dpo", "reinforce", "flow_opd", "mdm_opd", "vrpo"])
 def test_sigkill_during_a_checkpoint_write_then_resume_matches_an_uninterrupted_run(tmp_path, job):
-    models = {"flow": tiny_flow_policy(tmp_path / "tiny"), "lm": tmp_path / "lm"}
+    models = {"flow": tiny_flow_policy(tmp_path / "tiny"), "lm": tmp_path / "lm", "teacher": tmp_path / "teacher"}
     save_tiny_lm(models["lm"], max_length=16)
+    save_tiny_lm(models["teacher"], seed=1, max_length=16)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     ray_tmp = tempfile.mkdtemp(prefix="rlk_")
     try:
