@@ -1,4 +1,6 @@
 """Builders shared by tests (imported as a top-level module: pytest puts tests/ on sys.path)."""
+from pathlib import Path
+
 import torch
 
 
@@ -13,3 +15,18 @@ def tiny_flow_policy(path):
                           text_ff=64, text_layers=1, vocab=words)
     FlowPolicy.build(cfg).save_pretrained(path)
     return path
+
+
+def offline_hub_cache(monkeypatch, cache: Path, repo_id: str, folder: Path) -> None:
+    """``folder`` as the cached snapshot of Hub repo ``repo_id`` in a fresh cache at ``cache``, laid out
+    as huggingface_hub writes it (models--owner--name/snapshots/<commit>, refs/main), offline."""
+    import shutil
+
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    repo, commit = cache / ("models--" + repo_id.replace("/", "--")), "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)

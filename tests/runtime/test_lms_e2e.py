@@ -175,19 +175,12 @@ def test_a_model_without_a_mask_token_names_the_key(lms, tmp_path, capsys):
 def test_a_hub_id_is_checked_like_a_folder(lms, tmp_path, monkeypatch, capsys):
     """policy.checkpoint=owner/name of a remote-code LM in the local Hugging Face cache: the same start-up
     checks as for its folder (remote code needs the flag) run on the cached snapshot, before anything starts."""
-    import shutil
-
-    import huggingface_hub.constants as hc
+    from tests_helpers import offline_hub_cache
 
     from rlgen.config import load_config
     from rlgen.runtime.trainer import Trainer
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    repo, commit = tmp_path / "hub" / "models--acme--tiny-llada", "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(lms["llada"], repo / "snapshots" / commit)  # the layout huggingface_hub writes
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    offline_hub_cache(monkeypatch, tmp_path / "hub", "acme/tiny-llada", lms["llada"])
     config, *args = job_args("llada", "mdm_grpo", lms)
     over = [f"run.root={tmp_path}", "run.name=hub", *COMMON, *args, "policy.checkpoint=acme/tiny-llada"]
     assert str(Trainer(load_config(config, over))._check()[0]) == "acme/tiny-llada"

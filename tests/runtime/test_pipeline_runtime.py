@@ -155,21 +155,14 @@ def test_policy_dtype_is_a_cuda_setting():
 def test_a_hub_id_is_a_starting_policy(tiny_pipelines, tmp_path, monkeypatch):
     """policy.checkpoint=owner/name: checked from the local Hugging Face cache before anything starts; the
     actors get the id, and checkpoints point at it (portable), not at a cache folder."""
-    import shutil
-
-    import huggingface_hub.constants as hc
+    from tests_helpers import offline_hub_cache
 
     from rlgen.config import ConfigError
     from rlgen.models import detect_family
     from rlgen.runtime.job import PolicyConfig
     from rlgen.runtime.setup import base_checkpoint
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    repo, commit = tmp_path / "hub" / "models--acme--tiny-sd3", "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(tiny_pipelines["sd3"], repo / "snapshots" / commit)  # the layout huggingface_hub writes
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    offline_hub_cache(monkeypatch, tmp_path / "hub", "acme/tiny-sd3", tiny_pipelines["sd3"])
 
     assert str(base_checkpoint(PolicyConfig(checkpoint="acme/tiny-sd3"))) == "acme/tiny-sd3"
     assert detect_family("acme/tiny-sd3") == "flow"
