@@ -10,10 +10,20 @@ QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 wandb = pytest.importorskip("wandb", reason="the optional 'wandb' extra is not installed (pip install 'rlgen[wandb]')")
 
 
-def run_file(run_dir) -> bytes:
-    (path,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
-    with open(path, "rb") as f:
-        return f.read()
+def run_file(run_dir, expect: tuple[bytes, ...] = (), timeout: float = 60.0) -> bytes:
+    """The offline run's record file. W&B's service process writes it; on a loaded machine its last
+    records reached the disk after ``finish()`` returned (seen once in the full suite), so wait up to
+    ``timeout`` s for ``expect`` before handing the bytes to the assertions."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        (path,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+        with open(path, "rb") as f:
+            data = f.read()
+        if all(t in data for t in expect) or time.monotonic() > deadline:
+            return data
+        time.sleep(0.5)
 
 
 def test_metrics_rows_reach_an_offline_wandb_run(tmp_path, monkeypatch):
@@ -32,8 +42,9 @@ def test_metrics_rows_reach_an_offline_wandb_run(tmp_path, monkeypatch):
     log.log(0, reward_mean=0.25)
     log.log(1, reward_mean=0.8125, loss=-0.03125, note="text is not a W&B scalar")
     log.close()
-    data = run_file(tmp_path)  # W&B's own record of the run (protobuf records; the values as JSON text)
-    for text in (b"reward_mean", b"0.8125", b"-0.03125", b"loss"):
+    expect = (b"reward_mean", b"0.8125", b"-0.03125", b"loss")
+    data = run_file(tmp_path, expect)  # W&B's own record of the run (protobuf records; the values as JSON text)
+    for text in expect:
         assert text in data, text
     assert b"text is not a W&B scalar" not in data
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]  # metrics.jsonl is unchanged by W&B
