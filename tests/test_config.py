@@ -2,7 +2,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from rlgen.config import ConfigError, RunConfig, from_dict, load_config, parse_override, register_config
+from rlgen.config import ConfigError, from_dict, load_config, parse_override, register_config
+from rlgen.runtime.rundir import RunConfig
 
 
 @dataclass

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlgen.config import RunConfig, register_config
+from rlgen.config import register_config
+from rlgen.runtime.rundir import RunConfig
 from rlgen.pretrain.loop import (LoopPlan, load_torch_state, load_weights, run_pretraining, save_torch_state,
                                  save_weights, task_state_path)
 from rlgen.pretrain.masked_diffusion import MDMDataConfig, build_buckets, lr_at, sample_batch

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlgen.config import RunConfig, register_config
+from rlgen.config import register_config
+from rlgen.runtime.rundir import RunConfig
 from rlgen.models.classifier import ClassifierConfig, ImageClassifier
 from rlgen.pretrain.loop import (LoopPlan, load_torch_state, load_weights, run_pretraining, save_torch_state,
                                  save_weights, task_state_path)

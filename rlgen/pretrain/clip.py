@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rlgen.config import RunConfig, register_config
+from rlgen.config import register_config
+from rlgen.runtime.rundir import RunConfig
 from rlgen.pretrain.loop import (LoopPlan, load_torch_state, load_weights, run_pretraining, save_torch_state,
                                  save_weights, task_state_path)
 from rlgen.registry import register_pretrainer

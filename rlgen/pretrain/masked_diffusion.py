@@ -28,14 +28,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from rlgen.config import ConfigError, RunConfig, register_config
+from rlgen.config import ConfigError, register_config
 from rlgen.data.tokenizer import build_tokenizer, encode_batch
 from rlgen.models import MODEL_META
 from rlgen.models.masked_lm import MaskedDiffusionLM
 from rlgen.pretrain.loop import (LoopPlan, load_torch_state, load_weights, run_pretraining, save_torch_state,
                                  save_weights, task_state_path)
 from rlgen.registry import register_pretrainer
-from rlgen.runtime.rundir import resolve_checkpoint
+from rlgen.runtime.rundir import RunConfig, resolve_checkpoint
 from rlgen.utils import resolve_device
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rlgen.algos.base import AlgoConfig
-from rlgen.config import FieldError, RunConfig, check_choice, check_range, register_config
+from rlgen.config import FieldError, check_choice, check_range, register_config
+from rlgen.runtime.rundir import RunConfig
 from rlgen.data.text_dataset import TextDatasetConfig
 from rlgen.families import LoraSpec
 from rlgen.models.hf_lm import ConventionOptions

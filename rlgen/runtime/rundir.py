@@ -16,10 +16,56 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from rlgen.config import save_config
+from rlgen.config import FieldError, check_range, save_config
+
+
+@dataclass
+class RunConfig:
+    """``run:`` of every job (RL and pretraining): where its run folder is and how it is written."""
+
+    name: str = "run"          # runs/<name>/ (a plain name: letters, digits, '_', '-', '.')
+    root: str = "runs"         # parent folder of run folders (a local path or an fsspec URI)
+    seed: int = 0
+    device: str = "auto"       # auto | cpu | cuda | cuda:N
+    resume: str = "no"         # no | auto (latest checkpoint of this run, if any) | <checkpoint dir>
+    tensorboard: bool = True
+    progress: bool = True      # tqdm progress bars
+    num_threads: int = 0       # torch intra-op threads in the driver; 0 = leave torch's default
+    # Weights & Biases beside TensorBoard (pip install 'rlgen[wandb]'; WANDB_MODE=offline works offline)
+    wandb: bool = False
+    wandb_project: str = "rlgen"
+    wandb_entity: str = ""     # "" = the logged-in user's default entity
+
+    def __post_init__(self):
+        # a name is one folder inside run.root: "../x", "a/b" or "/abs" would write elsewhere
+        n = self.name
+        if not n or n in (".", "..") or "/" in n or "\\" in n or any(ord(c) < 32 for c in n):
+            raise FieldError("name", f"must be a plain folder name (no '/', '\\', '..'), got {n!r}; "
+                                     f"run.root chooses where run folders go")
+        check_range(self, "num_threads", lo=0)
+        if self.wandb:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise FieldError("wandb", "is true but the wandb package is not installed (pip install 'rlgen[wandb]')")
+
+    def wandb_settings(self, config: dict) -> dict | None:
+        """What ``MetricsLogger`` passes to ``wandb.init`` (None when W&B is off)."""
+        if not self.wandb:
+            return None
+        return {"project": self.wandb_project, "entity": self.wandb_entity or None, "name": self.name, "config": config}
+
+    @property
+    def dir(self) -> Path:
+        """The folder the job writes: ``root/name``; for an fsspec URI root (``s3://…``) a local
+        staging folder that rlgen/runtime/storage.py mirrors to ``root/name``."""
+        from rlgen.runtime.storage import is_uri, local_root, staging_dir
+
+        return staging_dir(self.root, self.name) if is_uri(self.root) else Path(local_root(self.root)) / self.name
 
 CKPT_DIRNAME = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlgen.config import RunConfig
+from rlgen.runtime.rundir import RunConfig
 from rlgen.pretrain.loop import (LoopPlan, load_torch_state, load_weights, run_pretraining, save_torch_state,
                                  save_weights, task_state_path)
 from rlgen.runtime.rundir import CheckpointError, read_metrics

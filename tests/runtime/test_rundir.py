@@ -66,7 +66,7 @@ def test_metrics_nonfinite_values_stay_visible(tmp_path):
 def test_fresh_run_moves_an_earlier_run_aside_instead_of_mixing_or_deleting(tmp_path):
     from dataclasses import dataclass, field
 
-    from rlgen.config import RunConfig
+    from rlgen.runtime.rundir import RunConfig
     from rlgen.runtime.rundir import prepare_run_dir
 
     @dataclass

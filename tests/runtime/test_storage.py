@@ -35,7 +35,7 @@ def remote(store: RunStore, rel: str) -> bytes:
 
 
 def test_uri_roots_and_staging(tmp_path, monkeypatch):
-    from rlgen.config import RunConfig
+    from rlgen.runtime.rundir import RunConfig
 
     monkeypatch.setenv("RLGEN_STAGING_DIR", str(tmp_path))
     assert is_uri("s3://b/runs") and is_uri("memory://x") and not is_uri("runs") and not is_uri("file:///tmp/r")
