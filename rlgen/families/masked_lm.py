@@ -107,11 +107,12 @@ def policy_folder(policy_cfg) -> Path | None:
     from rlgen.runtime.rundir import resolve_checkpoint
 
     from rlgen.models import ModelLoadError
-    from rlgen.models.sources import _HUB_ID, resolve_source
+    from rlgen.models.sources import resolve_source
+    from rlgen.runtime.setup import hub_id
 
     p = Path(policy_cfg.checkpoint)
     if not p.exists():
-        if not _HUB_ID.match(str(policy_cfg.checkpoint)):
+        if not hub_id(str(policy_cfg.checkpoint)):
             return None
         try:  # a Hub id: its snapshot in the local cache, so the same checks read the same files
             return resolve_source(policy_cfg.checkpoint).path
