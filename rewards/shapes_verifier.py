@@ -20,6 +20,12 @@ Partial score = fraction of sub-checks satisfied, all equally weighted:
                                   exactly N C S objects]
   position "a C1 S1 REL a C2 S2" the six pair sub-checks + [REL holds for some pair]
 passed ⇔ every sub-check holds ⇔ score = 1.0.
+
+Strict mode (``strict=True``; rewards ``shapes_pass_strict`` / ``shapes_verifier_strict``, and the
+benchmark's ``accuracy_strict``) adds one sub-check to every form: the image holds exactly as many
+objects as the prompt names (1 for single, 2 for pair and position, N for count), so a second copy
+of "a red circle" or a distractor fails. The lenient check lets a policy pass single-object
+prompts by drawing two copies; the training images never hold extra objects.
 """
 from __future__ import annotations
 
@@ -122,7 +128,7 @@ def _dims(d: Detection) -> tuple[int, int]:
     return d.bbox[2] - d.bbox[0], d.bbox[3] - d.bbox[1]
 
 
-def sub_checks(parsed: ParsedPrompt, dets: list[Detection]) -> list[tuple[str, bool]]:
+def sub_checks(parsed: ParsedPrompt, dets: list[Detection], strict: bool = False) -> list[tuple[str, bool]]:
     """(name, satisfied) for every sub-check of the prompt's surface form (see module doc)."""
     checks = []
     wanted: dict[tuple[str, str], int] = {}
@@ -142,27 +148,31 @@ def sub_checks(parsed: ParsedPrompt, dets: list[Detection]) -> list[tuple[str, b
                     if da is not db and (da.color, da.shape) == (a.color, a.shape)
                     and (db.color, db.shape) == (b.color, b.shape))
         checks.append((f"{a.color} {a.shape} {parsed.relation} {b.color} {b.shape}", holds))
+    if strict:
+        named = sum(o.count for o in parsed.objects)  # single 1, pair/position 2, count N
+        checks.append((f"exactly {named} object(s) in all (saw {len(dets)})", len(dets) == named))
     return checks
 
 
-def verify(image, prompt: str) -> Verdict:
-    """Pass/fail and partial score of one image against one prompt of the shapes grammar."""
+def verify(image, prompt: str, strict: bool = False, dets: list[Detection] | None = None) -> Verdict:
+    """Pass/fail and partial score of one image against one prompt of the shapes grammar.
+    ``dets`` (``detect_objects(image)``) lets a caller check one image both ways for one detection."""
     parsed = parse_prompt(prompt)
-    dets = detect_objects(image)
-    checks = sub_checks(parsed, dets)
+    dets = detect_objects(image) if dets is None else dets
+    checks = sub_checks(parsed, dets, strict)
     n_ok = sum(ok for _, ok in checks)
     seen = ", ".join(f"{d.color} {d.shape}@({d.cx:.0f},{d.cy:.0f})" for d in dets) or "nothing"
     details = "; ".join(f"{name}={'ok' if ok else 'FAIL'}" for name, ok in checks) + f" | saw: {seen}"
     return Verdict(n_ok == len(checks), n_ok / len(checks), parsed.form, details)
 
 
-def _verdicts(samples, prompts) -> list[Verdict]:
+def _verdicts(samples, prompts, strict: bool = False) -> list[Verdict]:
     if isinstance(prompts, str):
         raise ValueError("shapes verifier: prompts must be a list of strings, got a single string")
     n = samples.shape[0] if isinstance(samples, (torch.Tensor, np.ndarray)) and samples.ndim == 4 else len(samples)
     if n != len(prompts):
         raise ValueError(f"shapes verifier: {n} samples but {len(prompts)} prompts; they must pair up")
-    return [verify(samples[i], p) for i, p in enumerate(prompts)]
+    return [verify(samples[i], p, strict) for i, p in enumerate(prompts)]
 
 
 @register_reward("shapes_verifier")
@@ -176,3 +186,15 @@ def shapes_verifier(samples, prompts, **meta) -> list[float]:
 def shapes_pass(samples, prompts, **meta) -> list[float]:
     """1.0 if the sample passes its prompt's check, else 0.0."""
     return [float(v.passed) for v in _verdicts(samples, prompts)]
+
+
+@register_reward("shapes_verifier_strict")
+def shapes_verifier_strict(samples, prompts, **meta) -> list[float]:
+    """``shapes_verifier`` plus the strict sub-check: exactly the named number of objects."""
+    return [v.score for v in _verdicts(samples, prompts, strict=True)]
+
+
+@register_reward("shapes_pass_strict")
+def shapes_pass_strict(samples, prompts, **meta) -> list[float]:
+    """1.0 if the sample passes its prompt's strict check (no extra objects), else 0.0."""
+    return [float(v.passed) for v in _verdicts(samples, prompts, strict=True)]

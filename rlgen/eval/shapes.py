@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
 from rlgen.data.shapes import PromptError, heldout_prompts, parse_prompt
 from rlgen.eval.flow_common import (SAMPLING_OPTIONS, FlowSampling, attach_grid, check_flow_policy,
                                     flow_sampling_from, generate_images, settings_dict)
@@ -43,26 +45,53 @@ def read_prompt_file(path: Path) -> list[tuple[str, str]]:
 
 
 def score_images(images, prompts: list[str], tasks: list[str]) -> dict:
-    from rewards.shapes_verifier import verify
+    """GenEval-style accuracy (extra objects allowed) and ``accuracy_strict`` (exactly the named
+    objects; rewards.shapes_verifier's strict mode), overall and per task type."""
+    from rewards.shapes_verifier import detect_objects, verify
 
-    per_task = defaultdict(list)
+    per_task, per_task_strict = defaultdict(list), defaultdict(list)
     scores = []
     for img, prompt, task in zip(images, prompts, tasks):
-        v = verify(img, prompt)
+        dets = detect_objects(img)
+        v = verify(img, prompt, dets=dets)
         per_task[task].append(float(v.passed))
+        per_task_strict[task].append(float(verify(img, prompt, strict=True, dets=dets).passed))
         scores.append(v.score)
     passed = [p for ps in per_task.values() for p in ps]
-    return {"accuracy": sum(passed) / len(passed),
+    strict = [p for ps in per_task_strict.values() for p in ps]
+    return {"accuracy": sum(passed) / len(passed), "accuracy_strict": sum(strict) / len(strict),
             "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
+            "per_task_strict": {t: sum(v) / len(v) for t, v in sorted(per_task_strict.items())},
             "per_task_n": {t: len(v) for t, v in sorted(per_task.items())},
             "mean_score": sum(scores) / len(scores), "n": len(passed)}
 
 
+PROMPT_SETS = ("heldout", "unseen")  # the fixed held-out list | captions exclude_unseen training never sees
+
+
+def group_diversity(images, k: int) -> float | None:
+    """Mean pairwise RMS pixel distance between the k samples of each prompt (images (N, C, H, W) in
+    [-1, 1], grouped k at a time), averaged over prompts; None if k < 2. Mode collapse under RL
+    shows here first: the same prompt drawn the same way every time."""
+    if k < 2:
+        return None
+    x = images.float().reshape(-1, k, images[0].numel())  # (prompts, k, D)
+    d = torch.cdist(x, x) / x.shape[-1] ** 0.5  # (prompts, k, k) RMS distance
+    return float(d.sum((1, 2)).mean() / (k * (k - 1)))
+
+
 def _items(req) -> list[tuple[str, str]]:
+    from rlgen.data.shapes_heldout import unseen_prompts
+
     n = int(req.options.get("prompts_per_task", 32))
     if n < 1:
         raise ValueError(f"shapes benchmark: prompts_per_task must be ≥ 1, got {n}")
-    return read_prompt_file(req.prompts) if req.prompts else heldout_prompts(n)
+    prompt_set = req.options.get("prompt_set", "heldout")
+    if prompt_set not in PROMPT_SETS:
+        raise ValueError(f"shapes benchmark: prompt_set must be one of {PROMPT_SETS}, got {prompt_set!r}")
+    if req.prompts:
+        return read_prompt_file(req.prompts)
+    return heldout_prompts(n) if prompt_set == "heldout" else unseen_prompts(n)
 
 
 @register_benchmark("shapes")
@@ -71,18 +100,22 @@ def shapes_benchmark(req, policy) -> dict:
     k = req.samples_per_prompt or DEFAULT_SAMPLES_PER_PROMPT
     if k < 1:
         raise ValueError(f"--samples-per-prompt must be ≥ 1, got {k}")
-    sampling = flow_sampling_from({o: v for o, v in req.options.items() if o != "prompts_per_task"}, FlowSampling())
+    sampling = flow_sampling_from({o: v for o, v in req.options.items() if o not in ("prompts_per_task", "prompt_set")},
+                                  FlowSampling())
     check_flow_policy(policy, "shapes")
     prompts = [p for p, _ in items for _ in range(k)]
     tasks = [t for _, t in items for _ in range(k)]
     images = generate_images(policy, prompts, sampling, req.seed, req.batch_size, req.progress)
     result = score_images(images, prompts, tasks)
+    if (div := group_diversity(images, k)) is not None:
+        result["diversity"] = div
     result.update(settings_dict(sampling, k), prompts=len(items),
-                  prompt_source=str(req.prompts) if req.prompts else "builtin:heldout_prompts")
+                  prompt_source=str(req.prompts) if req.prompts else
+                  f"builtin:{req.options.get('prompt_set', 'heldout')}_prompts")
     firsts = list(range(0, len(images), k))  # the first sample of each prompt
     attach_grid(req, result, images, prompts, firsts[::max(1, len(firsts) // 64)][:64], nrow=8, scale=4)
     return result
 
 
-shapes_benchmark.options = {*SAMPLING_OPTIONS, "prompts_per_task"}
+shapes_benchmark.options = {*SAMPLING_OPTIONS, "prompts_per_task", "prompt_set"}
 shapes_benchmark.prepare = _items

@@ -70,6 +70,8 @@ class PromptsConfig:
     tasks: list[str] = field(default_factory=list)  # shapes task types / text task levels; [] = the default mix
     per_step: int = 8                 # distinct prompts per step
     group_size: int = 8               # samples per prompt (G)
+    exclude_unseen: bool = False      # source=shapes: never draw the captions of the benchmark's
+    #                                   prompt_set=unseen (rlgen.data.shapes_heldout)
     # source=dataset: a text dataset (JSONL/parquet/datasets folder/Hub id) whose other columns reach
     # the rewards as keyword arguments (rlgen.data.text_dataset.TextDatasetConfig)
     dataset: TextDatasetConfig = field(default_factory=TextDatasetConfig)
@@ -80,6 +82,8 @@ class PromptsConfig:
         if self.source == "dataset" and not self.dataset.path:
             raise FieldError("dataset.path", "is required when prompts.source=dataset (a JSONL/parquet file, a "
                                              "datasets folder or a Hub id)")
+        if self.exclude_unseen and self.source != "shapes":
+            raise FieldError("exclude_unseen", f"holds out shapes captions; prompts.source is {self.source!r}")
         if self.source != "dataset" and self.dataset.path:
             raise FieldError("source", f"must be 'dataset' when prompts.dataset.path is set, got {self.source!r}")
 

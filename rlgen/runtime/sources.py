@@ -79,9 +79,14 @@ class PromptSource:
             idx = rng.choice(len(PROMPTS), size=n, replace=n > len(PROMPTS))
             return [{"prompt": PROMPTS[i]} for i in idx]
         from rlgen.data.shapes import sample_prompt
+        from rlgen.data.shapes_heldout import is_unseen
 
-        tasks = self.cfg.tasks or [None]
-        return [{"prompt": sample_prompt(rng, tasks[int(rng.integers(len(tasks)))])[0]} for _ in range(n)]
+        tasks, items = self.cfg.tasks or [None], []
+        while len(items) < n:
+            prompt = sample_prompt(rng, tasks[int(rng.integers(len(tasks)))])[0]
+            if not (self.cfg.exclude_unseen and is_unseen(prompt)):  # redraw: still a function of (seed, step)
+                items.append({"prompt": prompt})
+        return items
 
     def _dataset_rows(self, step: int) -> list[int]:
         """Step k's rows: items (k − 1)·n … k·n − 1 of endless epochs, each a permutation of the rows

@@ -183,3 +183,35 @@ def test_rewards_contract():
         V.shapes_pass(imgs[:1], "a red circle")
     with pytest.raises(PromptError, match="'a pink circle'"):
         V.shapes_pass(imgs[:1], ["a pink circle"])
+
+
+def test_strict_mode_fails_extra_objects_and_keeps_the_rest():
+    img, draw = _drawing()
+    draw.ellipse((2, 2, 11, 11), fill=S.COLORS["red"])
+    draw.ellipse((20, 2, 29, 11), fill=S.COLORS["red"])
+    image = np.asarray(img)  # two red circles
+    cases = {  # prompt: (lenient passes, strict (satisfied, total)): strict adds "exactly N objects in all"
+        "a red circle": (True, (3, 4)),             # two copies: lenient passes, strict does not
+        "two red circles": (True, (5, 5)),          # exactly what it names
+        "three red circles": (False, (3, 5)),
+        "a red circle to the left of a red circle": (True, (8, 8)),
+        "a red circle and a blue circle": (False, (5, 7)),  # 2 objects named, 2 seen: the count check holds
+    }
+    for prompt, (lenient, (ok, total)) in cases.items():
+        assert V.verify(image, prompt).passed == lenient, prompt
+        v = V.verify(image, prompt, strict=True)
+        assert v.score == pytest.approx(ok / total), (prompt, v)
+        assert v.passed == (ok == total), (prompt, v)
+    batch = [image, image]
+    assert REWARDS.get("shapes_pass_strict")(batch, ["a red circle", "two red circles"]) == [0.0, 1.0]
+    assert REWARDS.get("shapes_verifier_strict")(batch, ["a red circle", "two red circles"]) == \
+        pytest.approx([0.75, 1.0])
+
+
+def test_ground_truth_passes_strict_too():
+    # the training renderer never draws a distractor: rendered ground truth holds exactly its objects
+    rng = np.random.default_rng(3)
+    for task in S.TASK_TYPES:
+        scenes = [S.sample_scene(rng, task, 32) for _ in range(40)]
+        ok = sum(V.verify(S.render(sc), sc.prompt, strict=True).passed for sc in scenes)
+        assert ok >= 39, (task, ok)
