@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 REMASKING = ("low_confidence", "random")
+CACHE_MODES = (None, "none", "prefix", "dual")  # generate(cache=...); see rlgen/samplers/kv_cache.py
 
 
 @dataclass
@@ -271,8 +272,8 @@ def _validate(prompt_ids, gen_length, steps, block_length, temperature, remaskin
         raise ValueError(f"temperature ({temperature}) and cfg_scale ({cfg_scale}) must be ≥ 0")
     if attention_mask is not None and attention_mask.shape != prompt_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match prompt_ids {tuple(prompt_ids.shape)}")
-    if cache not in (None, "prefix", "dual"):
-        raise ValueError(f"cache must be None, 'none', 'prefix' or 'dual', got {cache!r}")
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
     if cache is not None:
         from rlgen.samplers.kv_cache import check_cache
 
