@@ -14,7 +14,9 @@ Decoding options (``--set key=value``), defaults in brackets: ``gen_length`` [th
 answer width], ``block_length`` [gen_length: one block], ``steps`` [gen_length: one token per
 step; clipped to gen_length and rounded down to a multiple of the number of blocks],
 ``threshold`` [none; e.g. 0.9 = confidence-threshold parallel decoding], ``temperature`` [0],
-``remasking`` [low_confidence], ``cfg_scale`` [0].
+``remasking`` [low_confidence], ``cfg_scale`` [0], ``cache`` [automatic: the exact block cache for
+block-causal models, none otherwise; ``prefix`` / ``dual`` = Fast-dLLM's approximate key/value
+caches, rlgen/samplers/kv_cache.py].
 
 Result: ``accuracy`` (all samples), ``per_task`` (level → accuracy), ``hard_accuracy`` (the task's
 harder levels, e.g. arith pm3), ``n``, the settings, ``nfe_per_token`` (forward passes a
@@ -35,7 +37,7 @@ from rlgen.registry import register_benchmark
 from rlgen.samplers.masked import generate
 
 DECODE_DEFAULTS = {"gen_length": None, "block_length": None, "steps": None, "threshold": None,
-                   "temperature": 0.0, "remasking": "low_confidence", "cfg_scale": 0.0}
+                   "temperature": 0.0, "remasking": "low_confidence", "cfg_scale": 0.0, "cache": None}
 SET_DEFAULTS = {"n_per_level": 200, "levels": None, "set_seed": 0}
 
 
@@ -96,7 +98,7 @@ def _decode(model, prompt, g: int, bl: int, steps: int, s: dict, generator):
     out = generate(model, prompt, gen_length=g, steps=steps, block_length=getattr(model, "block_size", None) or bl,
                    temperature=s["temperature"], remasking=s["remasking"], threshold=s["threshold"],
                    cfg_scale=s["cfg_scale"], mask_id=model.mask_id, generator=generator, eos_id=model.eos_id,
-                   forbidden_ids=banned_ids(model))
+                   forbidden_ids=banned_ids(model), cache=s["cache"])
     return out.answer, int(out.steps_taken.sum())
 
 

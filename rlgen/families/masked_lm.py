@@ -19,7 +19,7 @@ from rlgen.batches import TextBucket, TextRollout
 from rlgen.config import check_choice, check_range
 from rlgen.families import Family, register_family
 from rlgen.models.hf_lm import Conventions
-from rlgen.samplers.masked import REMASKING, generate
+from rlgen.samplers.masked import CACHE_MODES, REMASKING, generate
 
 
 @dataclass
@@ -32,6 +32,11 @@ class TextRolloutConfig:
     threshold: float | None = None  # confidence-threshold parallel decoding
     remasking: str = "low_confidence"
     batch_size: int = 256           # rows per generate call
+    # key/value cache (rlgen/samplers/kv_cache.py): None = automatic (the exact block cache for
+    # block-causal policies, none otherwise), "none", or Fast-dLLM's approximate "prefix" / "dual"
+    # caches for bidirectional policies (samples then come from a slightly different policy than the
+    # learners' full-forward log-probs)
+    cache: str | None = None
 
     def __post_init__(self):
         check_range(self, "temperature", lo=0)
@@ -40,6 +45,7 @@ class TextRolloutConfig:
         check_range(self, "threshold", lo=0, hi=1)
         check_range(self, "batch_size", lo=1)
         check_choice(self, "remasking", REMASKING)
+        check_choice(self, "cache", CACHE_MODES)
 
 
 def decode_settings(cfg: TextRolloutConfig, width: int, block_size: int | None = None) -> tuple[int, int]:
@@ -88,7 +94,7 @@ def rollout_text(model, items: list[dict], group_ids: torch.Tensor, cfg: TextRol
             parts.append(generate(model, prompt, gen_length=width, steps=steps, block_length=bl,
                                   temperature=cfg.temperature, remasking=cfg.remasking, threshold=cfg.threshold,
                                   mask_id=model.mask_id, generator=generator, eos_id=model.eos_id,
-                                  forbidden_ids=banned_ids(model)))
+                                  forbidden_ids=banned_ids(model), cache=cfg.cache))
         tokens = torch.cat([o.tokens for o in parts]).cpu()
         for i, r in zip(rows, tokens[:, P:].tolist()):
             text = decode_completion(tok, r)

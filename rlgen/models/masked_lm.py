@@ -22,6 +22,7 @@ grants it.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,7 +203,7 @@ class MaskedDiffusionLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values=None, use_cache: bool = False):
+                past_key_values=None, use_cache: bool = False, position_ids: torch.Tensor | None = None):
         """logits (B, L, V); with ``use_cache`` or ``past_key_values`` a ``CachedLMOutput``.
 
         ``attention_mask`` (B, C + L) marks real tokens (0 = padding) over the cached C positions and
@@ -213,13 +214,20 @@ class MaskedDiffusionLM(nn.Module):
         compute for the prefix now: always for a block-causal model whose cache ends on a block
         boundary (earlier blocks never see later ones), only approximately for a bidirectional model
         of more than one layer once later tokens changed (Fast-dLLM, arXiv:2505.22618).
+        ``position_ids`` (B, L) or (1, L): the fed tokens' absolute positions, for a cache that also
+        holds positions after them (the dual cache, rlgen/samplers/kv_cache.py); unpadded
+        bidirectional models only, whose network takes ``position_ids``.
         """
         cached = past_key_values is not None or use_cache
         start = past_key_values.get_seq_length() if past_key_values is not None else 0
         total = start + input_ids.shape[1]
+        if position_ids is not None:
+            total = max(total, int(position_ids.max()) + 1)
         if self.max_length is not None and total > self.max_length:
             raise ValueError(f"sequence length {total} exceeds the model's max_position_embeddings {self.max_length}")
         kwargs = self._mask_kwargs(input_ids, attention_mask, start, cached)
+        if position_ids is not None:
+            kwargs["position_ids"] = self._explicit_positions(input_ids, attention_mask, position_ids)
         if not cached:
             return self._logits(self.net(input_ids=input_ids, **kwargs))
         from transformers import DynamicCache
@@ -231,10 +239,19 @@ class MaskedDiffusionLM(nn.Module):
         cache = past_key_values if past_key_values is not None else DynamicCache(config=self.net.config)
         # BERT-style encoders ignore use_cache but still extend a cache they are handed.
         out = self.net(input_ids=input_ids, past_key_values=cache, use_cache=True, **kwargs)
-        if cache.get_seq_length() != total:
+        if cache.get_seq_length() != start + input_ids.shape[1]:
             raise ValueError(f"{type(self.net).__name__} did not fill the key/value cache: it cannot be "
                              f"prefix-cached")
         return CachedLMOutput(self._logits(out), cache)
+
+    def _explicit_positions(self, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor):
+        """(B, L) position ids the caller chose, after checking the network can take them as meant."""
+        if self.is_block_causal or (attention_mask is not None and not bool(attention_mask.all())):
+            raise ValueError("explicit position_ids need an unpadded bidirectional model "
+                             "(block-causal and padded inputs build their own)")
+        if "position_ids" not in inspect.signature(self.net.forward).parameters:
+            raise ValueError(f"{type(self.net).__name__}.forward takes no position_ids: it cannot be dual-cached")
+        return position_ids.expand(input_ids.shape)
 
     def _mask_kwargs(self, input_ids: torch.Tensor, attention_mask, start: int, cached: bool) -> dict:
         """What the network gets besides the ids: a 2-D padding mask, or a 4-D mask + position ids."""

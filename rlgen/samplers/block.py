@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from rlgen.samplers.masked import (REMASKING, GenerateOutput, _crop, _eos_settle, _propose, _Spec,
+from rlgen.samplers.kv_cache import crop_cache
+from rlgen.samplers.masked import (REMASKING, GenerateOutput, _eos_settle, _propose, _Spec,
                                    num_transfer_tokens)
 
 
@@ -91,6 +92,9 @@ def generate_block_causal(model, prompt_ids, gen_length, steps, block_length, te
     if remasking not in REMASKING or temperature < 0:
         raise ValueError(f"remasking must be one of {REMASKING} and temperature ≥ 0 "
                          f"(got {remasking!r}, {temperature})")
+    if cache == "dual":
+        raise ValueError("cache='dual' is for bidirectional models; a block-causal model's cache='prefix' is "
+                         "already exact (no block attends to later ones, so there is no suffix to cache)")
     if cache not in (None, "prefix", "none"):
         raise ValueError(f"cache must be None, 'prefix' or 'none', got {cache!r}")
     if attention_mask is not None and attention_mask.shape != prompt_ids.shape:
@@ -152,7 +156,7 @@ class _BlockState:
             logits, res = _call(model, x[:, self.cached:], am, past_key_values=self.cache, use_cache=True)
             self.out.forward_tokens += x[:, self.cached:].numel()
             self.cache = res.past_key_values
-            _crop(self.cache, start)  # keep finished blocks only; the current one changes every step
+            crop_cache(self.cache, start)  # keep finished blocks only; the current one changes every step
             self.cached = start
         else:
             logits, _ = _call(model, x, am)

@@ -12,14 +12,13 @@ Speed-ups here, and whether they change the result:
   leaves the forward batch. A row's tokens are the same as decoding it alone (greedy decoding; a
   sampled row draws different noise). Batched threshold decoding no longer waits for the slowest
   row of each block (docs/feasibility.md, "Decoding speed").
-- **``cache="prefix"`` (approximate, Fast-dLLM).** At the start of each block one full forward
-  stores the keys/values of every position; later steps of that block feed only the block and the
-  suffix and reuse the stored prefix keys/values. In a bidirectional model the prefix's deeper
-  states depend on the block tokens, which change inside the block, so the stored values go stale:
-  exact for a one-layer model, approximate otherwise. Needs a Hugging Face style model
-  (``past_key_values``/``use_cache`` arguments, a ``Cache`` with ``crop``/``batch_select_indices``)
-  that attends bidirectionally over cache and new tokens. Blocks are decoded in lockstep here
-  (the cache needs one prefix length per batch); rows done with a block still leave the batch.
+- **``cache="prefix"`` / ``cache="dual"`` (approximate, Fast-dLLM; rlgen/samplers/kv_cache.py).**
+  At the start of each block one full forward stores the keys/values of every position; later steps
+  of that block reuse those of the prefix (``prefix``: they feed the block and the suffix) or of the
+  prefix and the all-mask suffix (``dual``: they feed the block only). Exact for a one-layer model,
+  approximate beyond (cached deeper states go stale as the block is unmasked). Needs a Hugging Face
+  style model (``past_key_values``/``use_cache``, plus ``position_ids`` for ``dual``) that attends
+  bidirectionally over cache and new tokens; blocks are decoded in lockstep.
 - Dropping the all-mask suffix beyond the current block is NOT implemented: it changes what a
   bidirectional model sees and so the result, without a model trained for it.
 
@@ -27,12 +26,12 @@ All functions are pure torch: no I/O, no global state; sampling takes a ``torch.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 
 REMASKING = ("low_confidence", "random")
+CACHE_MODES = (None, "none", "prefix", "dual")  # generate(cache=...); see rlgen/samplers/kv_cache.py
 
 
 @dataclass
@@ -121,14 +120,15 @@ def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     return _call(model, input_ids, attention_mask)[0]
 
 
-def _guided_logits(model, x, attention_mask, spec: _Spec, start: int = 0, **cache_kwargs):
-    """Forward ``x[:, start:]`` (with CFG if asked); returns (logits, output, positions fed).
+def _guided_logits(model, x, attention_mask, spec: _Spec, start: int = 0, end: int | None = None,
+                   **cache_kwargs):
+    """Forward ``x[:, start:end]`` (with CFG if asked); returns (logits, output, positions fed).
 
-    logits (b, L − start, V) with forbidden tokens at −inf. CFG follows LLaDA: the unconditional
+    logits (b, end − start, V) with forbidden tokens at −inf. CFG follows LLaDA: the unconditional
     input has every prompt position replaced by ``[MASK]``, and
     ``logits = uncond + (cfg + 1)·(cond − uncond)``.
     """
-    feed = x[:, start:]
+    feed = x[:, start:end]
     if spec.cfg_scale > 0:
         uncond = x.clone()
         uncond[:, : spec.prompt_len] = spec.mask_id
@@ -138,7 +138,7 @@ def _guided_logits(model, x, attention_mask, spec: _Spec, start: int = 0, **cach
         logits = unc + (spec.cfg_scale + 1.0) * (cond - unc)
         fed = 2 * x.numel()
     else:
-        logits, out = _call(model, feed, attention_mask, **cache_kwargs)  # (b, L − start, V)
+        logits, out = _call(model, feed, attention_mask, **cache_kwargs)  # (b, end − start, V)
         fed = feed.numel()
     vocab = logits.shape[-1]
     banned = [t for t in spec.forbidden if 0 <= t < vocab]  # ids past the head cannot be predicted
@@ -208,8 +208,9 @@ def _eos_settle(gen, order, logprobs, spec: _Spec):
 def _decode_step(out: GenerateOutput, rows, logits, offset: int, spec: _Spec) -> torch.Tensor:
     """One unmasking step for ``rows`` (b,), in place on ``out``; returns (b,) bool: row done.
 
-    ``logits`` (b, G − offset, V) cover answer positions ``offset..G``; each row's candidates are
-    the masked positions of its first block that still has masks.
+    ``logits`` (b, n, V) cover answer positions ``offset..offset + n`` (n = G − offset, or one block
+    under the dual cache); each row's candidates are the masked positions of its first block that
+    still has masks.
     """
     P, G, bl = spec.prompt_len, spec.gen_length, spec.block_length
     gen = out.tokens[rows, P:]  # (b, G) copies; written back below
@@ -218,19 +219,20 @@ def _decode_step(out: GenerateOutput, rows, logits, offset: int, spec: _Spec) ->
     masked = gen == spec.mask_id
     block = masked.view(len(rows), G // bl, bl).any(dim=2).long().argmax(dim=1)  # (b,) current block
     pos = torch.arange(G, device=gen.device)[None, :]
-    cand = masked & (pos // bl == block[:, None]) & (pos >= offset)  # (b, G)
+    span = slice(offset, offset + logits.shape[1])
+    cand = masked & (pos // bl == block[:, None]) & (pos >= span.start) & (pos < span.stop)  # (b, G)
 
-    x0, lp, score = _propose(logits, spec)  # (b, G − offset) each
+    x0, lp, score = _propose(logits, spec)  # (b, n) each
     full_score = torch.full(gen.shape, float("-inf"), dtype=torch.float64, device=gen.device)
-    full_score[:, offset:] = score
+    full_score[:, span] = score
     k = None if spec.schedule is None else spec.schedule[step % len(spec.schedule)]
     choose = _select(full_score, cand, k, spec.threshold)  # (b, G)
 
-    tail = choose[:, offset:]
-    gen[:, offset:] = torch.where(tail, x0, gen[:, offset:])
+    tail = choose[:, span]
+    gen[:, span] = torch.where(tail, x0, gen[:, span])
     order[choose] = step[:, None].expand_as(order)[choose]
-    lps[:, offset:] = torch.where(tail, lp.float(), lps[:, offset:])
-    confs[:, offset:] = torch.where(tail, score.float(), confs[:, offset:])
+    lps[:, span] = torch.where(tail, lp.float(), lps[:, span])
+    confs[:, span] = torch.where(tail, score.float(), confs[:, span])
     done = _eos_stop(gen, order, lps, spec)
 
     out.tokens[rows, P:] = gen
@@ -270,15 +272,12 @@ def _validate(prompt_ids, gen_length, steps, block_length, temperature, remaskin
         raise ValueError(f"temperature ({temperature}) and cfg_scale ({cfg_scale}) must be ≥ 0")
     if attention_mask is not None and attention_mask.shape != prompt_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match prompt_ids {tuple(prompt_ids.shape)}")
-    if cache not in (None, "prefix"):
-        raise ValueError(f"cache must be None or 'prefix', got {cache!r}")
-    if cache == "prefix":
-        params = inspect.signature(model.forward).parameters
-        if "past_key_values" not in params or "use_cache" not in params:
-            raise ValueError("cache='prefix' needs a model whose forward takes past_key_values and use_cache "
-                             "(a Hugging Face style model)")
-        if cfg_scale > 0:
-            raise ValueError("cache='prefix' does not support cfg_scale > 0")
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    if cache is not None:
+        from rlgen.samplers.kv_cache import check_cache
+
+        check_cache(model, cache, cfg_scale, attention_mask)
 
 
 @torch.no_grad()
@@ -299,7 +298,7 @@ def generate(model, prompt_ids, gen_length, steps, block_length, temperature=0.0
     model then gets ``attention_mask=`` over the whole sequence. ``generator`` (on the device of
     ``prompt_ids``) drives Gumbel noise and random remasking. See the module docstring for
     ``cache`` (None = automatic: the exact block cache for block-causal models, none otherwise;
-    "prefix"; "none").
+    "none"; "prefix"; "dual").
 
     Block-causal models (``block_causal``, default: the model's ``is_block_causal``) decode with
     rlgen/samplers/block.py: blocks aligned to position 0 as LLaDA2 trains them, ``steps_per_block``
@@ -341,8 +340,10 @@ def generate(model, prompt_ids, gen_length, steps, block_length, temperature=0.0
     am = None
     if attention_mask is not None:
         am = torch.cat([attention_mask, torch.ones(B, gen_length, dtype=attention_mask.dtype, device=device)], 1)
-    if cache == "prefix":
-        _run_prefix_cached(model, out, am, spec)
+    if cache is not None:
+        from rlgen.samplers.kv_cache import run_cached
+
+        run_cached(model, out, am, spec, dual=cache == "dual")
     else:
         _run(model, out, am, spec)
     return out
@@ -362,39 +363,3 @@ def _run(model, out: GenerateOutput, am, spec: _Spec) -> None:
         done[rows] = _decode_step(out, rows, logits[:, spec.prompt_len:], 0, spec)
     raise RuntimeError("decoding did not finish: a step unmasked nothing")
 
-
-def _crop(cache, length: int) -> None:
-    """Shrink a Hugging Face ``Cache`` (edited in place by each forward) back to ``length``."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)  # negative = number of tokens to drop (transformers ≥ 4.4x and 5.x)
-
-
-def _run_prefix_cached(model, out: GenerateOutput, am, spec: _Spec) -> None:
-    """Fast-dLLM prefix caching (approximate, see module docstring); blocks in lockstep."""
-    B = out.tokens.shape[0]
-    P, bl = spec.prompt_len, spec.block_length
-    done = torch.zeros(B, dtype=torch.bool, device=out.tokens.device)
-    for block in range(spec.gen_length // bl):
-        rows = (~done).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return
-        start = P + block * bl  # positions < start are fixed for the rest of the decode
-        logits, res, fed = _guided_logits(model, out.tokens[rows], None if am is None else am[rows], spec,
-                                          use_cache=True)
-        cache = res.past_key_values
-        logits = logits[:, start:]
-        while True:
-            out.nfe += 1
-            out.forward_tokens += fed
-            finished = _decode_step(out, rows, logits, start - P, spec)  # (b,)
-            done[rows] = finished
-            busy = ~finished & (out.tokens[rows, start:start + bl] == spec.mask_id).any(dim=1)
-            if not busy.any():
-                break
-            _crop(cache, start)
-            if not busy.all():  # rows done with this block leave the batch, and their cache rows too
-                cache.batch_select_indices(busy.nonzero().squeeze(1))
-                rows = rows[busy]
-            logits, _, fed = _guided_logits(model, out.tokens[rows], None if am is None else am[rows], spec,
-                                            start=start, past_key_values=cache, use_cache=True)

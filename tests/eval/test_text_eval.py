@@ -48,6 +48,10 @@ def test_problems_file_and_decoding_options(ckpt, tmp_path):
     res = run_benchmark("arith", EvalRequest(checkpoint=ckpt, problems=p, device="cpu", progress=False,
                                              options={"threshold": 0.9}))
     assert res["settings"]["threshold"] == 0.9
+    # a one-layer model: Fast-dLLM's dual cache decodes exactly what no cache does
+    plain, dual = (run_benchmark("arith", EvalRequest(checkpoint=ckpt, problems=p, device="cpu", progress=False,
+                                                      options={"cache": c})) for c in ("none", "dual"))
+    assert dual["settings"]["cache"] == "dual" and dual["examples"] == plain["examples"]
 
 
 def test_errors(ckpt, tmp_path):

@@ -66,3 +66,14 @@ def test_chat_items_use_the_policy_template_and_trl_rewards_score_them(models):
     mixer = RewardMixer({"rewards": {"trl.rewards:think_format_reward": 1.0, "math_answer": 1.0}})
     scored = mixer(out.completions, out.prompts, **out.meta)
     assert scored.valid.all() and scored.total.shape == (2,)
+
+
+def test_rollout_cache_setting_reaches_the_sampler(models):
+    with pytest.raises(ValueError, match="must be one of"):
+        TextRolloutConfig(cache="suffix")
+    items, gids = _items(n_prompts=1, group=2)
+    with pytest.raises(ValueError, match="block-causal"):  # the exact block cache needs no suffix cache
+        rollout_text(models["llada2"], items, gids, TextRolloutConfig(cache="dual"), torch.Generator().manual_seed(0))
+    cfg = TextRolloutConfig(temperature=0.0, block_length=5, cache="dual")
+    out = rollout_text(models["llada"], items, gids, cfg, torch.Generator().manual_seed(0))
+    assert (out.buckets[0].order >= 0).any() and not (out.buckets[0].tokens == models["llada"].mask_id).any()
