@@ -53,7 +53,8 @@ class SPGConfig(AlgoConfig):
     mix_weight: float = 0.5        # ω of "mix" (the paper's 0.5)
     eubo_beta: float = 1.5         # β of the EUBO (the paper: 1.5 for math/countdown, 1.0 for sudoku)
     n_samples: int = 2             # Monte-Carlo masks per completion per inner iteration (the paper's num_t)
-    block_length: int = -1         # blocks to mask within: −1 = rollout.block_length (set at job check), 0 = whole answer
+    block_length: int = -1         # blocks to mask within: −1 = rollout.block_length (set at the job check),
+    #                                0 = the whole answer
     adv_std: bool = True           # advantage (r − group mean) / group std; False: r − group mean
     inner_iterations: int = 4      # gradient steps per rollout batch, fresh masks each (the paper's 4)
     skip_uniform_groups: bool = True  # groups with equal rewards have A = 0: no gradient, skip them
@@ -72,7 +73,7 @@ class BoundPlan:
     """n Monte-Carlo masked views of B answers of width G."""
 
     scored: torch.Tensor   # (n, B, G) bool: masked AND scored in sample j (tokens of the chosen block)
-    hidden: torch.Tensor   # (n, B, G) bool: every masked answer position of sample j (scored ∪ later blocks ∪ eos fill)
+    hidden: torch.Tensor   # (n, B, G) bool: every masked answer position (scored ∪ later blocks ∪ eos fill)
     weights: torch.Tensor  # (n, B) float: importance weight / n, so Σ_j weights_j·f_j estimates E_ρ[f]
 
 
@@ -169,7 +170,8 @@ class SPG(Algorithm):
             self.cfg.block_length = job.rollout.block_length
 
     def advantages(self, batch: TextRollout) -> TextRollout:
-        batch.advantages = (group_advantages if self.cfg.adv_std else centred_advantages)(batch.rewards, batch.group_ids)
+        adv = group_advantages if self.cfg.adv_std else centred_advantages
+        batch.advantages = adv(batch.rewards, batch.group_ids)  # (N,)
         if self.cfg.skip_uniform_groups:
             return batch.keep_rows(mixed_groups(batch.rewards, batch.group_ids))
         return batch

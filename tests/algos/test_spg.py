@@ -75,7 +75,8 @@ def test_block_masks_are_unbiased_for_the_exact_bounds():
     lo, _ = evidence_bounds(logp, plan, 2.0)
     assert math.isclose(float(lo.mean()), float(T.elbo(model, 0, 2, 1)), abs_tol=0.06)
     per_token = (plan.weights[..., None] * plan.scored * logp.exp() ** 2).sum(0).mean(0)  # (2,)
-    exact = [sum(w * T.cond(model, k, 0, o)[t] ** 2 for w, o in T.revealed_states(2, 1)[k]) for k, t in ((0, 2), (1, 1))]
+    states = T.revealed_states(2, 1)
+    exact = [sum(w * T.cond(model, k, 0, o)[t] ** 2 for w, o in states[k]) for k, t in ((0, 2), (1, 1))]
     torch.testing.assert_close(per_token, torch.stack(exact).float(), atol=0.02, rtol=0.04)
     plan1 = block_plan(torch.zeros(n, 2, dtype=torch.long), 1, 1, g)
     lo1, _ = evidence_bounds(view_logprobs(model, toks, T.P, plan1, T.MASK, (T.MASK,)), plan1, 2.0)
