@@ -67,6 +67,8 @@ def job_args(name: str, tmp_path, models) -> list[str]:
     if name == "mdm_grpo":  # partial credit: a random model still gets mixed groups; two rollout workers
         return ["configs/rl/mdm_grpo_arith.yaml", lm, "rewards={arith_partial: 1.0}", "algo.estimator=coupled",
                 "resources.rollout_workers=2", *TEXT]
+    if name in ("wd1", "spg"):  # the masked-LM algorithms beside mdm_grpo (rlgen/algos/wd1.py, spg.py)
+        return [f"configs/rl/{name}_arith.yaml", lm, "rewards={arith_partial: 1.0}", *TEXT]
     assert name == "mdm_opd"
     return ["configs/opd/mdm_opd_arith.yaml", lm, f"algo.teacher={models['teacher']}", *TEXT]
 
@@ -91,7 +93,7 @@ def check_run(run, steps: int, online: bool):
 # one online image job, one online text job and one offline job in the default suite; the rest are slow
 @pytest.mark.parametrize("name", ["flow_grpo", "vrpo", "mdm_grpo",
                                   *(pytest.param(n, marks=pytest.mark.slow)
-                                    for n in ("reinforce", "flow_opd", "diffusion_dpo", "mdm_opd"))])
+                                    for n in ("reinforce", "flow_opd", "diffusion_dpo", "mdm_opd", "wd1", "spg"))])
 def test_two_steps_then_resume(name, tmp_path, models, capsys):
     import ray
 
