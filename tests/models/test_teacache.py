@@ -92,7 +92,8 @@ def test_unet_probe_reads_the_time_embedded_hidden_state():
 def test_threshold_zero_is_bit_identical_and_skips_stop_the_forward(backbone):
     from rlgen.models.flow import SD3BackboneConfig
 
-    kw = {"sd3": SD3BackboneConfig(num_layers=1, attention_head_dim=8, num_attention_heads=2)} if backbone == "sd3" else {}
+    sd3 = SD3BackboneConfig(num_layers=1, attention_head_dim=8, num_attention_heads=2)
+    kw = {"sd3": sd3} if backbone == "sd3" else {}
     policy = _policy(backbone=backbone, **kw)
     noise = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     sigmas = sigma_schedule(8, 3.0)
