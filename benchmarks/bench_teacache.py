@@ -60,8 +60,7 @@ class Timed:
 def run_eval(policy, items, samples: int, steps: int, tc: TeaCacheConfig, seed: int) -> tuple[dict, list]:
     prompts = [p for p, _ in items for _ in range(samples)]
     tasks = [t for _, t in items for _ in range(samples)]
-    sampling = FlowSampling(steps=steps, teacache=tc.threshold, teacache_calibration=tc.calibration,
-                            teacache_reuse=tc.reuse)
+    sampling = FlowSampling(steps=steps, teacache=tc.threshold, teacache_calibration=tc.calibration)
     with Timed(policy) as t:
         images = generate_images(policy, prompts, sampling, seed, batch_size=64, progress=False)
     res = score_images(images, prompts, tasks)
@@ -111,7 +110,6 @@ def main() -> None:
                     help="also evaluate uncached with these step counts (the plain way to spend fewer forwards)")
     ap.add_argument("--rollout-prompts", type=int, default=64)
     ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--reuse", default="velocity", choices=["velocity", "x0"], help="what a skipped step reuses")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/bench_teacache/result.json"))
@@ -128,13 +126,13 @@ def main() -> None:
         print(f"calibrated: r2 {fit['r2']} on {fit['points']} points -> {calib}", flush=True)
     items = heldout_prompts(args.prompts_per_task)
     roll_prompts = [p for p, _ in heldout_prompts(args.rollout_prompts // 6 + 1, seed=4242)][:args.rollout_prompts]
-    result = {"checkpoint": args.checkpoint, "calibration": calib, "threads": args.threads, "reuse": args.reuse,
+    result = {"checkpoint": args.checkpoint, "calibration": calib, "threads": args.threads,
               "eval": {"n": len(items) * args.samples, "steps": args.eval_steps, "rows": []},
               "rollout": {"n": len(roll_prompts) * args.group, "steps": 10, "sde_steps": [0, 1, 2], "rows": []}}
     generate_images(policy, [p for p, _ in items[:8]], FlowSampling(steps=2), 0, 64, False)  # warm-up: lazy inits
     base_e = base_r = None
     for thr in [0.0] + list(args.thresholds):
-        tc = TeaCacheConfig(thr, calibration=calib if thr > 0 else "", reuse=args.reuse)
+        tc = TeaCacheConfig(thr, calibration=calib if thr > 0 else "")
         e, ev = run_eval(policy, items, args.samples, args.eval_steps, tc, args.seed)
         r, lp, rv = run_rollout(policy, roll_prompts, args.group, tc, args.seed)
         if base_e is None:

@@ -6,8 +6,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 
-SAMPLING_OPTIONS = {"steps", "cfg", "noise_level", "shift", "teacache", "teacache_calibration",
-                    "teacache_reuse"}
+SAMPLING_OPTIONS = {"steps", "cfg", "noise_level", "shift", "teacache", "teacache_calibration"}
 
 
 @dataclass
@@ -18,7 +17,6 @@ class FlowSampling:
     shift: float | None = None  # σ-grid shift; None = the model's own (1.0 for rlgen's pixel models)
     teacache: float = 0.0       # TeaCache threshold on the ODE steps (0 = off; docs/teacache.md)
     teacache_calibration: str = ""  # its polynomial: a `python -m rlgen.teacache calibrate` file ("" = raw change)
-    teacache_reuse: str = "velocity"  # what a skipped step reuses: "velocity" or "x0" (the data prediction)
 
 
 def flow_sampling_from(options: dict, defaults: FlowSampling | None = None) -> FlowSampling:
@@ -30,8 +28,7 @@ def flow_sampling_from(options: dict, defaults: FlowSampling | None = None) -> F
                         noise_level=float(options.get("noise_level", s.noise_level)),
                         shift=float(options["shift"]) if "shift" in options else s.shift,
                         teacache=float(options.get("teacache", s.teacache)),
-                        teacache_calibration=str(options.get("teacache_calibration", s.teacache_calibration)),
-                        teacache_reuse=str(options.get("teacache_reuse", s.teacache_reuse)))
+                        teacache_calibration=str(options.get("teacache_calibration", s.teacache_calibration)))
 
 
 def check_flow_policy(policy, benchmark: str) -> None:
@@ -62,8 +59,7 @@ def generate_images(policy, prompts: list[str], sampling: FlowSampling, seed: in
     if sampling.teacache > 0:  # only then: a policy class without the option still evaluates without it
         from rlgen.models.teacache import TeaCacheConfig
 
-        kw["teacache"] = TeaCacheConfig(sampling.teacache, calibration=sampling.teacache_calibration,
-                                        reuse=sampling.teacache_reuse)
+        kw["teacache"] = TeaCacheConfig(sampling.teacache, calibration=sampling.teacache_calibration)
     return policy.generate(prompts, num_steps=sampling.steps, cfg_scale=sampling.cfg,
                            noise_level=sampling.noise_level, shift=sampling.shift, generator=gen,
                            batch_size=batch_size, progress=progress, **kw).cpu()

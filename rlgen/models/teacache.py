@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from rlgen.config import FieldError, check_choice, check_range
-from rlgen.samplers.teacache import IDENTITY, REUSE, TeaCache
+from rlgen.config import FieldError, check_range
+from rlgen.samplers.teacache import IDENTITY, TeaCache
 
 
 @dataclass
@@ -38,11 +38,9 @@ class TeaCacheConfig:
     threshold: float = 0.0
     coefficients: list[float] = field(default_factory=list)
     calibration: str = ""
-    reuse: str = "velocity"  # what a skipped step keeps: the last velocity, or its data prediction "x0"
 
     def __post_init__(self):
         check_range(self, "threshold", lo=0)
-        check_choice(self, "reuse", REUSE)
         if self.coefficients and self.calibration:
             raise FieldError("coefficients", "give coefficients or calibration (a file), not both")
 
@@ -117,7 +115,7 @@ def teacache_for(policy: nn.Module, cfg: TeaCacheConfig | TeaCache | None) -> Te
         return cfg
     if cfg is None or not cfg.enabled:
         return None
-    return TeaCache(probe_for(policy), cfg.threshold, cfg.resolved_coefficients(), cfg.reuse)
+    return TeaCache(probe_for(policy), cfg.threshold, cfg.resolved_coefficients())
 
 
 def record_steps(policy: nn.Module, velocity_fn: Callable) -> tuple[Callable, list]:

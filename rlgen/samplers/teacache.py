@@ -27,7 +27,6 @@ import torch
 Probe = Callable[[Callable, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], bool]], "torch.Tensor | None"]
 
 IDENTITY = (1.0, 0.0)  # poly(x) = x: the raw indicator change, before any calibration
-REUSE = ("velocity", "x0")  # what a skipped step keeps from the last computed one
 
 
 def polyval(coefficients: Sequence[float], x):
@@ -92,25 +91,19 @@ class TeaCacheState:
 class TeaCache:
     """A velocity cache for :func:`rlgen.samplers.flow.sample`: ``cache(velocity_fn, x, sigma, may_skip)``.
 
-    ``probe`` is the model side (rlgen.models.teacache.probe_for(policy)). A skipped step reuses the last
-    computed velocity (``reuse="velocity"``, TeaCache's output reuse) or its data prediction
-    ``x̂0 = x − σ·v`` (``reuse="x0"``: the velocity is recomputed from the current x as ``(x − x̂0)/σ``). ``sample`` calls :meth:`reset`
+    ``probe`` is the model side (rlgen.models.teacache.probe_for(policy)). ``sample`` calls :meth:`reset`
     at the start of each trajectory and passes ``may_skip=False`` on SDE steps and on the last step.
     Counters ``computed`` / ``skipped`` add up over every trajectory since construction.
     """
 
-    def __init__(self, probe: Probe, threshold: float, coefficients: Sequence[float] = IDENTITY,
-                 reuse: str = "velocity"):
-        if reuse not in REUSE:
-            raise ValueError(f"TeaCache reuse must be one of {REUSE}, got {reuse!r}")
-        self.probe, self.state, self.reuse = probe, TeaCacheState(threshold, coefficients), reuse
+    def __init__(self, probe: Probe, threshold: float, coefficients: Sequence[float] = IDENTITY):
+        self.probe, self.state = probe, TeaCacheState(threshold, coefficients)
         self.computed = self.skipped = 0
-        self.velocity: torch.Tensor | None = None  # (B, *D) at the last computed step
-        self.x0: torch.Tensor | None = None  # (B, *D) x − σ·v there: the data prediction
+        self.velocity: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.state.reset()
-        self.velocity = self.x0 = None
+        self.velocity = None
 
     def __call__(self, velocity_fn: Callable, x: torch.Tensor, sigma: torch.Tensor, may_skip: bool) -> torch.Tensor:
         asked = []
@@ -124,18 +117,11 @@ class TeaCache:
         v = self.probe(velocity_fn, x, sigma, decide)
         if not asked:
             raise RuntimeError("TeaCache: the model never reached its probed module; cannot decide whether to skip")
-        col = sigma.reshape((-1,) + (1,) * (x.ndim - 1)).to(x.dtype)  # (B, 1, ..., 1)
         if v is None:
             self.skipped += 1
-            if self.reuse == "velocity":
-                return self.velocity
-            # Hold the data prediction x̂0 fixed: v = (x − x̂0)/σ, so the Euler step becomes DDIM's
-            # x̂0 + (σ_next/σ)(x − x̂0). σ > 0 here: the last step (σ_next = 0 after it) is never skipped.
-            return (x - self.x0) / col
+            return self.velocity
         self.computed += 1
         self.velocity = v
-        if self.reuse == "x0":
-            self.x0 = x - col * v
         return v
 
     @property

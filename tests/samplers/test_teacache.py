@@ -65,29 +65,22 @@ def _vel():
     return lambda x, sigma: conv(x) * (1 + sigma.reshape(-1, 1, 1, 1))
 
 
-@pytest.mark.parametrize("reuse", ["velocity", "x0"])
-def test_skipped_steps_reuse_the_last_computed_step(reuse):
+def test_skipped_steps_reuse_the_last_computed_velocity():
     vel, calls = _vel(), []
     sigmas = sigma_schedule(8)
     noise = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(1))
-    cache = TeaCache(_probe_on_sigma(calls), threshold=0.3, reuse=reuse)
+    cache = TeaCache(_probe_on_sigma(calls), threshold=0.3)
     traj = sample(vel, noise, sigmas, noise_level=0.0, teacache=cache)
     skipped = traj.skipped.tolist()
     assert any(skipped) and not skipped[0] and not skipped[-1]
     assert cache.skipped == sum(skipped) and cache.computed == len(calls) == 8 - sum(skipped)
     with torch.no_grad():
-        for i in range(8):
+        last_v = None
+        for i in range(8):  # each step is Euler with the velocity of the last computed step
             x, s, sn = traj.latents[:, i], traj.sigmas[i], traj.sigmas[i + 1]
             if not skipped[i]:
-                last_v, last_x0 = vel(x, s.expand(3)), x - s * vel(x, s.expand(3))
-                want = x + last_v * (sn - s)  # Euler with the model's velocity
-            elif reuse == "velocity":
-                want = x + last_v * (sn - s)  # Euler with the last computed velocity
-            else:
-                want = last_x0 + (sn / s) * (x - last_x0)  # DDIM's step with the last data prediction
-            torch.testing.assert_close(traj.latents[:, i + 1], want, rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="reuse must be one of"):
-        TeaCache(_probe_on_sigma([]), 0.1, reuse="eps")
+                last_v = vel(x, s.expand(3))
+            torch.testing.assert_close(traj.latents[:, i + 1], x + last_v * (sn - s), rtol=0, atol=1e-6)
 
 
 def test_skip_count_grows_with_threshold_and_never_touches_sde_steps():
