@@ -9,7 +9,9 @@ output instead of running the model; when the sum crosses the threshold the mode
 restarts at 0.
 
 rlgen's variant reuses the last computed **velocity** (model output) on a skipped step: the sampler's
-Euler update then proceeds with it. Steps the caller marks as not skippable (Flow-GRPO's stochastic steps,
+Euler update then proceeds with it. (Holding the data prediction ``x̂0 = x − σ·v`` or the noise
+prediction ``x̂0 + v`` fixed instead gives the same step: an Euler step along v stays on the straight line
+through x̂0, so ``(x' − x̂0)/σ' = v`` — there is no better "what to reuse" at the velocity level.) Steps the caller marks as not skippable (Flow-GRPO's stochastic steps,
 whose log-probs a learner trains on; the first and last steps) always run the full model, so their
 velocities and log-probs are exactly those of the uncached sampler given the same input.
 

@@ -147,3 +147,21 @@ def test_calibration_records_every_step_and_fits(tmp_path):
     assert out["points"] == 3 * (3 + 5) and len(out["coefficients"]) == 3
     (tmp_path / "tc.json").write_text(json.dumps(out))
     assert read_calibration(tmp_path / "tc.json") == out["coefficients"]
+
+
+@pytest.mark.slow  # ~10 s: the verifier scores every image
+def test_shapes_benchmark_takes_teacache_options(tmp_path):
+    from tests_helpers import tiny_flow_policy
+
+    from rlgen.evaluate import EvalRequest, run_benchmark
+    from rlgen.models import load_model
+
+    policy = load_model(tiny_flow_policy(tmp_path / "m"))
+    results = {}
+    for thr in (0.0, 5.0):
+        req = EvalRequest(samples_per_prompt=1, progress=False, return_samples=True,
+                          options={"prompts_per_task": 1, "steps": 6, "teacache": thr})
+        results[thr] = run_benchmark("shapes", req, policy)
+    assert results[5.0]["teacache"] == 5.0 and results[0.0]["teacache"] == 0.0
+    a, b = results[0.0]["samples"]["images"], results[5.0]["samples"]["images"]
+    assert a.shape == b.shape and not (a == b).all()
