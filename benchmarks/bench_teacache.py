@@ -110,6 +110,7 @@ def main() -> None:
                     help="also evaluate uncached with these step counts (the plain way to spend fewer forwards)")
     ap.add_argument("--rollout-prompts", type=int, default=64)
     ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--settings", nargs="+", default=["eval", "rollout"], choices=["eval", "rollout"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/bench_teacache/result.json"))
@@ -133,18 +134,23 @@ def main() -> None:
     base_e = base_r = None
     for thr in [0.0] + list(args.thresholds):
         tc = TeaCacheConfig(thr, calibration=calib if thr > 0 else "")
-        e, ev = run_eval(policy, items, args.samples, args.eval_steps, tc, args.seed)
-        r, lp, rv = run_rollout(policy, roll_prompts, args.group, tc, args.seed)
-        if base_e is None:
-            base_e, base_ev, base_r, base_lp, base_rv = e, ev, r, lp, rv
-        e.update(threshold=thr, steps=args.eval_steps, **ratios(base_e, e),
-                 flipped=sum(a != b for a, b in zip(ev, base_ev)))
-        r.update(threshold=thr, **ratios(base_r, r), flipped=sum(a != b for a, b in zip(rv, base_rv)),
-                 sde_log_probs_identical=bool(torch.equal(lp, base_lp)))
-        result["eval"]["rows"].append(e)
-        result["rollout"]["rows"].append(r)
-        print(json.dumps({"threshold": thr, "eval": e, "rollout": r}), flush=True)
-    for steps in args.fewer_steps:
+        if "eval" in args.settings:
+            e, ev = run_eval(policy, items, args.samples, args.eval_steps, tc, args.seed)
+            if base_e is None:
+                base_e, base_ev = e, ev
+            e.update(threshold=thr, steps=args.eval_steps, **ratios(base_e, e),
+                     flipped=sum(a != b for a, b in zip(ev, base_ev)))
+            result["eval"]["rows"].append(e)
+            print(json.dumps({"threshold": thr, "eval": e}), flush=True)
+        if "rollout" in args.settings:
+            r, lp, rv = run_rollout(policy, roll_prompts, args.group, tc, args.seed)
+            if base_r is None:
+                base_r, base_lp, base_rv = r, lp, rv
+            r.update(threshold=thr, **ratios(base_r, r), flipped=sum(a != b for a, b in zip(rv, base_rv)),
+                     sde_log_probs_identical=bool(torch.equal(lp, base_lp)))
+            result["rollout"]["rows"].append(r)
+            print(json.dumps({"threshold": thr, "rollout": r}), flush=True)
+    for steps in args.fewer_steps if "eval" in args.settings else []:
         e, ev = run_eval(policy, items, args.samples, steps, TeaCacheConfig(0.0), args.seed)
         e.update(threshold=0.0, steps=steps, **ratios(base_e, e), flipped=sum(a != b for a, b in zip(ev, base_ev)))
         result["eval"]["rows"].append(e)
