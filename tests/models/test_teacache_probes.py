@@ -165,3 +165,21 @@ def test_shapes_benchmark_takes_teacache_options(tmp_path):
     assert results[5.0]["teacache"] == 5.0 and results[0.0]["teacache"] == 0.0
     a, b = results[0.0]["samples"]["images"], results[5.0]["samples"]["images"]
     assert a.shape == b.shape and not (a == b).all()
+
+
+@pytest.mark.slow  # builds the tiny SD3 and FLUX pipelines (~10 s) if no other test did
+@pytest.mark.parametrize("name,opts,cfg", [("sd3", {}, 4.5), ("flux", {"resolution": 64}, 3.5)])
+def test_pipelines_threshold_zero_is_exact_and_calibration_runs(tiny_pipelines, name, opts, cfg):
+    from rlgen.models import load_model
+    from rlgen.teacache import calibrate
+
+    policy = load_model(tiny_pipelines[name], **opts)
+    gen = lambda tc=None: policy.generate(["a cat", "a red square"], num_steps=6, cfg_scale=cfg,  # noqa: E731
+                                          generator=torch.Generator().manual_seed(0), output_type="latent",
+                                          teacache=tc)
+    plain = gen()
+    assert torch.equal(plain, gen(TeaCacheConfig(0.0)))
+    big = TeaCache(probe_for(policy), 10.0)
+    assert not torch.equal(plain, gen(big)) and big.skipped == 4 and big.computed == 2  # all but first and last
+    out = calibrate(policy, ["a cat", "a dog", "a red square"], steps=[4], degree=1, cfg_scale=cfg, progress=False)
+    assert out["points"] == 3 * 3 and len(out["coefficients"]) == 2
