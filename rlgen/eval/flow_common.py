@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 
-SAMPLING_OPTIONS = {"steps", "cfg", "noise_level", "shift"}
+SAMPLING_OPTIONS = {"steps", "cfg", "noise_level", "shift", "teacache", "teacache_calibration"}
 
 
 @dataclass
@@ -15,6 +15,8 @@ class FlowSampling:
     cfg: float = 1.0
     noise_level: float = 0.0   # 0 = Euler ODE (deterministic given the start noise)
     shift: float | None = None  # σ-grid shift; None = the model's own (1.0 for rlgen's pixel models)
+    teacache: float = 0.0       # TeaCache threshold on the ODE steps (0 = off; docs/teacache.md)
+    teacache_calibration: str = ""  # its polynomial: a `python -m rlgen.teacache calibrate` file ("" = raw change)
 
 
 def flow_sampling_from(options: dict, defaults: FlowSampling | None = None) -> FlowSampling:
@@ -24,7 +26,9 @@ def flow_sampling_from(options: dict, defaults: FlowSampling | None = None) -> F
     s = defaults or FlowSampling()
     return FlowSampling(steps=int(options.get("steps", s.steps)), cfg=float(options.get("cfg", s.cfg)),
                         noise_level=float(options.get("noise_level", s.noise_level)),
-                        shift=float(options["shift"]) if "shift" in options else s.shift)
+                        shift=float(options["shift"]) if "shift" in options else s.shift,
+                        teacache=float(options.get("teacache", s.teacache)),
+                        teacache_calibration=str(options.get("teacache_calibration", s.teacache_calibration)))
 
 
 def check_flow_policy(policy, benchmark: str) -> None:
@@ -51,9 +55,14 @@ def generate_images(policy, prompts: list[str], sampling: FlowSampling, seed: in
                     progress: bool) -> torch.Tensor:
     """(N, C, H, W) in [-1, 1] on CPU; seeded so the same request gives the same images."""
     gen = torch.Generator().manual_seed(seed)
+    kw = {}
+    if sampling.teacache > 0:  # only then: a policy class without the option still evaluates without it
+        from rlgen.models.teacache import TeaCacheConfig
+
+        kw["teacache"] = TeaCacheConfig(sampling.teacache, calibration=sampling.teacache_calibration)
     return policy.generate(prompts, num_steps=sampling.steps, cfg_scale=sampling.cfg,
                            noise_level=sampling.noise_level, shift=sampling.shift, generator=gen,
-                           batch_size=batch_size, progress=progress).cpu()
+                           batch_size=batch_size, progress=progress, **kw).cpu()
 
 
 def settings_dict(sampling: FlowSampling, samples_per_prompt: int) -> dict:

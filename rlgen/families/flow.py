@@ -6,7 +6,7 @@ space. Everything here goes through the flow-policy surface (docs/architecture.m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from torch import nn
 from rlgen.batches import ImageRollout
 from rlgen.config import FieldError, check_range
 from rlgen.families import Family, register_family
+from rlgen.models.teacache import TeaCacheConfig, teacache_for
 from rlgen.samplers.flow import cfg_combine, sample
 
 
@@ -32,6 +33,8 @@ class ImageRolloutConfig:
     sde_window_start: int = -1     # -1: the window starts at a random step per rollout; s >= 0: always at
                                    # step s (0 = the high-noise steps, where layout and count are decided)
     batch_size: int = 64           # rows per sampler call inside a worker
+    # TeaCache on the ODE steps (SDE steps always run the model): {threshold: 0 = off, calibration: FILE}
+    teacache: TeaCacheConfig = field(default_factory=TeaCacheConfig)
 
     def __post_init__(self):
         check_range(self, "num_steps", lo=1)
@@ -99,12 +102,13 @@ def rollout_images(policy, prompts: list[str], group_ids: torch.Tensor, cfg: Ima
     # reproduces the same rollout on CPU and GPU alike.
     dev_gen = generator if dev.type == "cpu" else torch.Generator(dev).manual_seed(
         int(torch.randint(2**62, (1,), generator=generator)))
+    cache = teacache_for(policy, cfg.teacache)
     parts = []
     for i in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[i:i + cfg.batch_size]
         noise = torch.randn((len(chunk), *policy.sample_shape), generator=generator).to(dev)
         traj = sample(policy.velocity_fn(chunk, cfg.cfg_scale), noise, sigmas, noise_level=cfg.noise_level,
-                      generator=dev_gen, sde_steps=sde_mask.to(dev))
+                      generator=dev_gen, sde_steps=sde_mask.to(dev), teacache=cache)
         images = policy.decode(traj.samples)
         parts.append((traj.latents.float().cpu(), traj.log_probs.float().cpu(), images.float().cpu()))
     return ImageRollout(prompts=list(prompts), group_ids=group_ids.cpu(),

@@ -271,14 +271,18 @@ class DiffusersFlowPolicy(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], num_steps: int | None = None, cfg_scale: float | None = None,
                  generator: torch.Generator | None = None, noise_level: float = 0.0, shift: float | None = None,
-                 batch_size: int = 64, output_type: str = "pt", progress: bool = False) -> torch.Tensor:
+                 batch_size: int = 64, output_type: str = "pt", progress: bool = False, teacache=None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] (``output_type="pt"``) or latents in the pipeline's format
         (``"latent"``). The start noise is drawn for the whole batch at once, in the transformer's dtype,
         exactly as the pipeline's ``prepare_latents`` draws it, so with ``noise_level=0`` this returns what
-        ``pipe(prompts, num_inference_steps, guidance_scale, generator=…, output_type="latent")`` returns."""
+        ``pipe(prompts, num_inference_steps, guidance_scale, generator=…, output_type="latent")`` returns.
+        ``teacache`` (``TeaCacheConfig`` or ``TeaCache``, rlgen/samplers/teacache.py) skips forwards on ODE steps."""
         from diffusers.utils.torch_utils import randn_tensor
 
+        from rlgen.models.teacache import teacache_for
         from rlgen.samplers.flow import sample
+
+        cache = teacache_for(self, teacache)  # sample() never skips an SDE step
 
         if output_type not in ("pt", "latent"):
             raise ValueError(f"output_type must be 'pt' or 'latent', got {output_type!r}")
@@ -295,7 +299,8 @@ class DiffusersFlowPolicy(nn.Module):
         out = []
         for i in range(0, len(prompts), batch_size):
             traj = sample(self.velocity_fn(emb[i:i + batch_size], cfg_scale), noise[i:i + batch_size], sigmas,
-                          noise_level=noise_level, generator=step_gen, keep_latents=False, progress=progress)
+                          noise_level=noise_level, generator=step_gen, keep_latents=False, progress=progress,
+                          teacache=cache)
             x = traj.samples
             out.append(self.adapter.to_pipeline_latents(x) if output_type == "latent" else self.decode(x))
         return torch.cat(out)

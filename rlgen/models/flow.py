@@ -297,9 +297,14 @@ class FlowPolicy(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], num_steps: int = 20, cfg_scale: float = 1.0,
                  noise_level: float = 0.0, shift: float | None = None, generator: torch.Generator | None = None,
-                 batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1]: Euler ODE (noise_level 0) or Flow-GRPO's SDE (> 0)."""
+                 batch_size: int = 64, progress: bool = False, teacache=None) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1]: Euler ODE (noise_level 0) or Flow-GRPO's SDE (> 0).
+
+        ``teacache`` (``TeaCacheConfig`` or ``TeaCache``, rlgen/samplers/teacache.py) skips forwards on ODE steps."""
+        from rlgen.models.teacache import teacache_for
         from rlgen.samplers.flow import sample
+
+        cache = teacache_for(self, teacache)  # sample() never skips an SDE step
 
         dev = self.device
         sigmas = self.sigmas(num_steps, shift)
@@ -313,7 +318,7 @@ class FlowPolicy(nn.Module):
             noise = torch.randn((len(chunk), *self.sample_shape), generator=generator,
                                 device=generator.device if generator is not None else dev).to(dev)
             traj = sample(self.velocity_fn(chunk, cfg_scale), noise, sigmas, noise_level=noise_level,
-                          generator=step_gen, keep_latents=False, progress=progress)
+                          generator=step_gen, keep_latents=False, progress=progress, teacache=cache)
             out.append(traj.samples.clamp(-1, 1))
         return torch.cat(out) if out else torch.empty((0, *self.sample_shape), device=dev)
 

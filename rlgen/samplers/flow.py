@@ -152,6 +152,7 @@ class Trajectory:
     sigmas: torch.Tensor  # (S+1,) float32 grid, 1 -> 0
     sde_mask: torch.Tensor  # (S,) bool, True where the step was stochastic
     means: torch.Tensor | None = None  # (B, S, *D) float32 step means, when asked for
+    skipped: torch.Tensor | None = None  # (S,) bool, True where TeaCache reused the last velocity
 
     @property
     def samples(self) -> torch.Tensor:
@@ -201,6 +202,7 @@ def sample(
     return_means: bool = False,
     keep_latents: bool = True,
     progress: bool = False,
+    teacache=None,
 ) -> Trajectory:
     """Integrate from ``noise`` (x at sigmas[0]) down the grid, recording per-step log-probs.
 
@@ -209,6 +211,9 @@ def sample(
     noise_level > 0); the others are Euler ODE steps, as in Flow-GRPO-Fast / MixGRPO training
     windows. ``keep_latents=False`` keeps only the start noise and final sample (latents (B, 2, *D)),
     which is enough for evaluation but not for :func:`score_steps`.
+
+    ``teacache`` (a :class:`rlgen.samplers.teacache.TeaCache`) may reuse the last computed velocity on
+    ODE steps; SDE steps and the last step always run the model, so stored log-probs stay exact.
     """
     grid, values = _grid(sigmas)
     num_steps = len(values) - 1
@@ -223,9 +228,17 @@ def sample(
     if return_means:
         means = torch.empty((batch, num_steps, *noise.shape[1:]), dtype=log_probs.dtype, device=device)
 
+    skipped = [False] * num_steps
+    if teacache is not None:
+        teacache.reset()
     x = noise
     for i in tqdm(range(num_steps), disable=not progress, desc="sampling", leave=False):
-        v = velocity_fn(x, grid[i].expand(batch))  # (B, *D)
+        if teacache is None:
+            v = velocity_fn(x, grid[i].expand(batch))  # (B, *D)
+        else:
+            before = teacache.skipped
+            v = teacache(velocity_fn, x, grid[i].expand(batch), may_skip=not mask[i] and i < num_steps - 1)
+            skipped[i] = teacache.skipped > before
         out = sde_step(x, v, values[i], values[i + 1], noise_level if mask[i] else 0.0, generator=generator)
         x = out.prev_sample
         if mask[i]:
@@ -238,7 +251,8 @@ def sample(
     if not keep_latents:
         latents[:, 1] = x
     sde_mask = torch.tensor(mask, dtype=torch.bool, device=device)
-    return Trajectory(latents, log_probs, stds, grid, sde_mask, means)
+    skip_mask = torch.tensor(skipped, dtype=torch.bool, device=device) if teacache is not None else None
+    return Trajectory(latents, log_probs, stds, grid, sde_mask, means, skip_mask)
 
 
 def score_steps(
