@@ -93,6 +93,15 @@ class ImageRollout:
                        rewards=pick(self.rewards), advantages=pick(self.advantages),
                        reward_components={k: v[idx] for k, v in self.reward_components.items()})
 
+    def reward_inputs(self) -> tuple[torch.Tensor, list[str]]:
+        """The images and prompts the reward workers score for this rollout (a subclass may add
+        images, e.g. G²RPO's ODE branch finals; ``keep_scores`` then takes their scores back)."""
+        return self.images, list(self.prompts)
+
+    def keep_scores(self, mixed):
+        """The scores of ``reward_inputs()`` → the rows' own (B,) scores; extra ones stay on the rollout."""
+        return mixed
+
     def for_learner(self) -> "ImageRollout":
         """Without the decoded images: learners train on latents, rewards were already scored."""
         return replace(self, images=None, global_size=self.global_size or len(self))

@@ -102,7 +102,7 @@ REWARDS = Registry("reward", ("rewards.shapes_verifier", "rewards.text_verifiers
                               "rewards.remote", "rewards.pickscore", "rewards.hpsv2", "rewards.ocr"))
 ALGORITHMS = Registry("algorithm", ("rlgen.algos.flow_grpo", "rlgen.algos.diffusion_dpo", "rlgen.algos.vrpo",
                                     "rlgen.algos.mdm_grpo", "rlgen.algos.opd", "rlgen.algos.reinforce",
-                                    "rlgen.algos.wd1", "rlgen.algos.spg"))
+                                    "rlgen.algos.wd1", "rlgen.algos.spg", "rlgen.algos.g2rpo"))
 BENCHMARKS = Registry("benchmark", ("rlgen.eval.shapes", "rlgen.eval.fashion_mnist", "rlgen.eval.text",
                                     "rlgen.eval.prompt_reward"))
 

@@ -72,6 +72,7 @@ class Algorithm:
     family: ClassVar[str] = ""          # the model family it trains: "flow" | "masked_lm"
     data: ClassVar[str] = "rollouts"    # "rollouts" (online: prompts → samples → rewards) | "pairs" (offline)
     config: ClassVar[type] = AlgoConfig
+    rollout_config: ClassVar[type | None] = None  # its own ``rollout:`` settings type (None: the family's)
     rollout_fields: ClassVar[tuple[str, ...]] = ()  # fields of the batch it reads (documentation + checks)
     min_group_size: ClassVar[int] = 2   # samples per prompt it needs (group-relative advantages need 2)
 

@@ -145,7 +145,10 @@ class FlowFamily(Family):
         return PolicyVelocity(policy)
 
     def rollout(self, policy, items: list[dict], group_ids, cfg: ImageRolloutConfig, generator, version: int = 0):
-        return rollout_images(policy, [it["prompt"] for it in items], group_ids, cfg, generator, version)
+        prompts = [it["prompt"] for it in items]
+        if hasattr(cfg, "sample_rollout"):  # an algorithm's own rollout settings bring their sampler (G²RPO)
+            return cfg.sample_rollout(policy, prompts, group_ids, generator, version)
+        return rollout_images(policy, prompts, group_ids, cfg, generator, version)
 
     @torch.no_grad()
     def prepare_pairs(self, policy, pairs) -> dict:

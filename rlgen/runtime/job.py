@@ -246,7 +246,7 @@ class JobConfig:
             raise ValueError("algo.name is required (a registered algorithm: flow_grpo, mdm_grpo, diffusion_dpo, "
                              "vrpo, flow_opd, mdm_opd, reinforce; or module.path:ClassName)")
         algo = get_algorithm(name)
-        return {"algo": algo.config, "rollout": get_family(algo.family).rollout_config}
+        return {"algo": algo.config, "rollout": algo.rollout_config or get_family(algo.family).rollout_config}
 
     def __post_init__(self):
         from rlgen.algos.base import get_algorithm
@@ -256,7 +256,7 @@ class JobConfig:
             raise FieldError("algo.name", "is required (algo.name=flow_grpo, mdm_grpo, …)")
         algo = get_algorithm(self.algo.name)
         if self.rollout is None:
-            self.rollout = get_family(algo.family).rollout_config()
+            self.rollout = (algo.rollout_config or get_family(algo.family).rollout_config)()
         check_choice(self, "reward_nan", ("error", "drop"))
         check_range(self, "reward_timeout_s", lo=0)
         if self.train.ema.enabled and self.learner.zero_stage == 3:  # rank 0 averages the full parameters it holds

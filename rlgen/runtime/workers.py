@@ -83,7 +83,7 @@ class Workers:
 
     def collect(self, launch: dict):
         """Gather a launched step's shards, scoring each as soon as it arrives; (batch, t_roll, t_reward)."""
-        from rlgen.batches import ImageRollout, TextRollout
+        from rlgen.batches import TextRollout
 
         jobs, pending = launch["jobs"], launch["pending"]
         results, scores, t_roll, t0 = {}, {}, 0.0, time.time()
@@ -106,9 +106,11 @@ class Workers:
         t1 = time.time()
         order = sorted(results)
         mixed = [self._get_score(w, scores[w], results[w]) for w in order]
+        if self.modality == "image":  # extra images a rollout had scored (G²RPO's branches) stay on it
+            mixed = [results[w].keep_scores(m) for w, m in zip(order, mixed)]
         t_reward = time.time() - t1
         parts = [results[w] for w in order]
-        batch = (ImageRollout if self.modality == "image" else TextRollout).cat(parts)
+        batch = (type(parts[0]) if self.modality == "image" else TextRollout).cat(parts)
         batch.rewards = torch.cat([m.total for m in mixed]).float()
         batch.reward_components = {k: torch.cat([m.components[k] for m in mixed]).float() for k in mixed[0].components}
         return batch, t_roll, t_reward
@@ -118,7 +120,8 @@ class Workers:
 
     def _score(self, w: int, ro):
         if self.modality == "image":
-            return self._reward_worker(w).score.remote(ro.images.numpy(), ro.prompts, {})
+            images, prompts = ro.reward_inputs()
+            return self._reward_worker(w).score.remote(images.numpy(), prompts, {})
         return self._reward_worker(w).score.remote(ro.completions, ro.prompts, dict(ro.meta))
 
     def _get_score(self, w: int, ref, ro):
