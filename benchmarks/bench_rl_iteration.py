@@ -9,6 +9,10 @@
     # overrides go to both runs; these make sync use 1 thread per role as well (docs/scaling.md)
     python benchmarks/bench_rl_iteration.py --config configs/quickstart.yaml --async-compare --iterations 20 \
         resources.rollout_threads=1 resources.learner_threads=1 [--async-first]
+    # another recipe against the config's: time to the config's final training reward, e.g. MixGRPO's
+    # sliding window + DPM-Solver++ tail vs the fixed-window recipe (docs/flow_grpo.md)
+    python benchmarks/bench_rl_iteration.py --config configs/rl/flow_grpo_shapes.yaml \
+        --against configs/rl/mixgrpo_shapes.yaml --iterations 40
 
 Each run is a real train_rl.py job (local Ray, same seed); numbers come from its metrics.jsonl.
 Ratios only: timings on a shared machine are noisy.
@@ -80,6 +84,32 @@ def async_compare(args) -> None:
     print(f"  iteration time ratio (async / sync): {per['async'] / per['sync']:.2f}")
 
 
+def against(args) -> None:
+    """The config's recipe ("base") vs ``--against``'s ("other"), same seed and iterations; target: the
+    base run's final training reward (mean of its last 3 iterations)."""
+    extra = ["eval.every=0", *args.overrides]
+    runs = {"base": run(args.config, "base", args.root, args.iterations, extra),
+            "other": run(args.against, "other", args.root, args.iterations, extra)}
+    target = moving(runs["base"])[-1]
+    print(f"\ntarget: the base run's final training reward {target:.3f} (mean of its last 3 iterations)")
+    per, hit = {}, {}
+    for name, rows in runs.items():
+        split(rows)
+        per[name] = sum(r["time_iter"] for r in rows[1:]) / max(1, len(rows) - 1)
+        hit[name] = time_to_target(rows, target)
+        steps = next((i + 1 for i, m in enumerate(moving(rows)) if i >= 2 and m >= target), None)
+        acc = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+        print(f"  {name} ({args.config if name == 'base' else args.against}): {per[name]:.2f} s/iteration, "
+              f"rollout {sum(r['time_rollout'] for r in rows[1:]) / max(1, len(rows) - 1):.2f} s, "
+              f"learn {sum(r['time_learn'] for r in rows[1:]) / max(1, len(rows) - 1):.2f} s; time to target "
+              f"{'not reached' if hit[name] is None else f'{hit[name]:.0f} s ({steps} iterations)'}"
+              f"{f', held-out accuracy {acc[-1]:.3f}' if acc else ''}")
+        print("    training reward (3-iteration mean):", " ".join(f"{m:.3f}" for m in moving(rows)))
+    print(f"  iteration time ratio (other / base): {per['other'] / per['base']:.2f}")
+    if hit["base"] and hit["other"]:
+        print(f"  time-to-target ratio (other / base): {hit['other'] / hit['base']:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/quickstart.yaml")
@@ -88,10 +118,14 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true")
     ap.add_argument("--async-compare", action="store_true")
     ap.add_argument("--async-first", action="store_true", help="with --async-compare: run the async job first")
+    ap.add_argument("--against", help="another config to race against --config (time to its final reward)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.async_compare:
         async_compare(args)
+        return
+    if args.against:
+        against(args)
         return
     if not args.compare:
         split(run(args.config, "split", args.root, args.iterations, ["eval.every=0", *args.overrides]))

@@ -62,6 +62,7 @@ class ImageRollout:
     reward_components: dict[str, torch.Tensor] = field(default_factory=dict)  # name → (B,)
     global_size: int = 0          # samples in the whole step (all ranks); 0 = len(self)
     seed: int = 0                 # the step's seed (shared by every rank)
+    sde_kind: str = "flow_grpo"   # the stochastic step that drew it (rlgen.samplers.flow_sde); re-scoring uses it
 
     def __post_init__(self):
         b, s1 = self.latents.shape[:2]
@@ -120,6 +121,8 @@ class ImageRollout:
         for p in parts[1:]:
             if not torch.equal(p.sigmas, first.sigmas) or not torch.equal(p.sde_mask, first.sde_mask):
                 raise ValueError("cannot concatenate rollouts sampled on different σ grids")
+            if p.sde_kind != first.sde_kind:
+                raise ValueError(f"cannot concatenate rollouts of SDE kinds {first.sde_kind!r} and {p.sde_kind!r}")
         opt = lambda name: (None if getattr(first, name) is None  # noqa: E731
                             else torch.cat([getattr(p, name) for p in parts]))
         comps = {k: torch.cat([p.reward_components[k] for p in parts]) for k in first.reward_components}

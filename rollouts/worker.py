@@ -43,10 +43,11 @@ class RolloutWorker:
     def get_version(self) -> int:
         return self.version
 
-    def generate(self, items: list[dict], group_ids: torch.Tensor, seed: int):
-        """One rollout per item (the driver repeats each prompt G times), with this worker's weights."""
+    def generate(self, items: list[dict], group_ids: torch.Tensor, seed: int, step: int = 0):
+        """One rollout per item (the driver repeats each prompt G times), with this worker's weights;
+        ``step`` is the training step it is for (e.g. MixGRPO's window position follows it)."""
         gen = torch.Generator().manual_seed(int(seed))
-        return self.family.rollout(self.policy, items, group_ids, self.cfg, gen, self.version)
+        return self.family.rollout(self.policy, items, group_ids, self.cfg, gen, self.version, step)
 
     @torch.no_grad()
     def evaluate(self, benchmark: str, request: dict, checkpoint: str | None = None) -> dict:

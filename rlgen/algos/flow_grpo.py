@@ -18,7 +18,7 @@ from rlgen.algos.advantages import group_advantages
 from rlgen.algos.base import Accumulator, AlgoConfig, Algorithm, LearnerContext, register_algorithm
 from rlgen.batches import ImageRollout
 from rlgen.config import check_choice, check_range
-from rlgen.samplers.flow import sde_step
+from rlgen.samplers.flow_sde import sde_step_fn
 
 
 @dataclass
@@ -255,7 +255,7 @@ class FlowGRPO(Algorithm):
         x_next = mb.latents[:, j + 1].to(dev)  # (b, C, H, W): the sampled state it is scored on
         sigma = mb.sigmas[j].to(dev).expand(len(mb))  # (b,) the sampler fed the model exactly this
         s, s_next = float(mb.sigmas[j]), float(mb.sigmas[j + 1])
-        ref_mean = None
+        ref_mean, sde_step = None, sde_step_fn(mb.sde_kind)  # the kind that drew the rollout scores it
         if self.cfg.kl_beta > 0:  # before the policy's forward: nothing runs between its forward and backward
             with torch.no_grad(), ctx.reference() as ref:
                 v_ref = ref.velocity_fn(mb.prompts, mb.cfg_scale)(x.to(dtype).contiguous(), sigma)

@@ -38,7 +38,7 @@ from rlgen.algos.flow_grpo import (FlowGRPO, FlowGRPOConfig, kl_to_ref, kl_unit_
 from rlgen.algos.mdm_grpo import banned_ids, plan_logprobs, trajectory_plan
 from rlgen.batches import TextRollout
 from rlgen.config import FieldError, check_choice, check_range
-from rlgen.samplers.flow import sde_step
+from rlgen.samplers.flow_sde import sde_step_fn
 from rlgen.samplers.masked import model_logits
 
 
@@ -235,7 +235,7 @@ class FlowOPD(FlowGRPO):
         with torch.no_grad():  # the teacher's step from the same state, at its own guidance scale
             v_t = ctx.teacher.velocity_fn(mb.prompts, self.cfg.teacher_cfg_scale)(x.to(ctx.policy.dtype).contiguous(),
                                                                                    sigma)
-            self._teacher_mean = sde_step(x, v_t, s, s_next, mb.noise_level, prev_sample=x_next).mean
+            self._teacher_mean = sde_step_fn(mb.sde_kind)(x, v_t, s, s_next, mb.noise_level, prev_sample=x_next).mean
 
     def step_loss(self, ctx, mb, j, out, ref_mean, x):
         old_lp, adv = mb.log_probs[:, j].to(x.device), mb.advantages.to(x.device).float()

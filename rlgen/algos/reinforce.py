@@ -17,7 +17,7 @@ import torch
 from rlgen.algos.base import Accumulator, AlgoConfig, Algorithm, LearnerContext, register_algorithm
 from rlgen.batches import ImageRollout
 from rlgen.config import check_range
-from rlgen.samplers.flow import sde_step
+from rlgen.samplers.flow_sde import sde_step_fn
 
 
 @dataclass
@@ -50,7 +50,8 @@ class Reinforce(Algorithm):
                 x, x_next = mb.latents[:, j].to(dev), mb.latents[:, j + 1].to(dev)  # (b, C, H, W)
                 sigma = mb.sigmas[j].to(dev).expand(len(mb))
                 v = ctx.engine(mb.prompts, x.to(dtype), sigma, mb.cfg_scale)
-                out = sde_step(x, v, float(mb.sigmas[j]), float(mb.sigmas[j + 1]), mb.noise_level, prev_sample=x_next)
+                out = sde_step_fn(mb.sde_kind)(x, v, float(mb.sigmas[j]), float(mb.sigmas[j + 1]), mb.noise_level,
+                                               prev_sample=x_next)
                 log_prob = out.log_prob / x[0].numel()  # (b,) per-dimension scale
                 loss = -(adv * log_prob).sum() / batch.global_size
                 ctx.engine.backward(loss)

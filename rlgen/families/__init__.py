@@ -147,7 +147,8 @@ class Family:
         return policy
 
     # -- rollouts ----------------------------------------------------------------------------------
-    def rollout(self, policy, items: list[dict], group_ids, cfg, generator, version: int = 0):
+    def rollout(self, policy, items: list[dict], group_ids, cfg, generator, version: int = 0, step: int = 0):
+        """One rollout per item; ``step`` is the training step it is for (a schedule may depend on it)."""
         raise NotImplementedError
 
 

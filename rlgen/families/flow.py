@@ -12,10 +12,32 @@ import torch
 from torch import nn
 
 from rlgen.batches import ImageRollout
-from rlgen.config import FieldError, check_range
+from rlgen.config import FieldError, check_choice, check_range
 from rlgen.families import Family, register_family
 from rlgen.models.teacache import TeaCacheConfig, teacache_for
 from rlgen.samplers.flow import cfg_combine, sample
+from rlgen.samplers.flow_sde import SDE_KINDS
+from rlgen.samplers.sde_window import compress_tail, window_start
+
+
+@dataclass
+class WindowSlideConfig:
+    """``rollout.sde_window_slide``: MixGRPO's sliding window (rlgen/samplers/sde_window.py)."""
+
+    every: int = 0                 # τ: training steps per window position; 0 = the window stays put
+    stride: int = 1                # s: steps the window moves each time
+    schedule: str = "constant"     # "constant" τ | "progressive": τ·exp(−decay·max(0, position − decay_after))
+    decay: float = 0.1             # k of the progressive schedule
+    decay_after: int = 0           # position from which τ decays
+    at_end: str = "stay"           # past the last position: "stay" there | "restart" from sde_window_start
+
+    def __post_init__(self):
+        check_range(self, "every", lo=0)
+        check_range(self, "stride", lo=1)
+        check_choice(self, "schedule", ("constant", "progressive"))
+        check_range(self, "decay", lo=0)
+        check_range(self, "decay_after", lo=0)
+        check_choice(self, "at_end", ("stay", "restart"))
 
 
 @dataclass
@@ -32,6 +54,11 @@ class ImageRolloutConfig:
                                    # the rest ODE (Flow-GRPO-Fast / MixGRPO)
     sde_window_start: int = -1     # -1: the window starts at a random step per rollout; s >= 0: always at
                                    # step s (0 = the high-noise steps, where layout and count are decided)
+    sde_window_slide: WindowSlideConfig = field(default_factory=WindowSlideConfig)  # MixGRPO: every > 0 slides it
+    sde_kind: str = "flow_grpo"    # the stochastic step: flow_grpo | dance (DanceGRPO) | cps (coefficients-preserving)
+    ode_solver: str = "euler"      # ODE steps after the window: euler | dpm2 (DPM-Solver++(2M), MixGRPO-Flash)
+    post_window_steps: int = 0     # 0: the grid as is; k: only k steps after the window (MixGRPO-Flash)
+    shared_group_noise: bool = False  # DanceGRPO: a group's samples start from the same noise
     batch_size: int = 64           # rows per sampler call inside a worker
     # TeaCache on the ODE steps (SDE steps always run the model): {threshold: 0 = off, calibration: FILE}
     teacache: TeaCacheConfig = field(default_factory=TeaCacheConfig)
@@ -43,6 +70,15 @@ class ImageRolloutConfig:
         check_range(self, "shift", lo=0)
         check_range(self, "sde_window", lo=0)
         check_range(self, "batch_size", lo=1)
+        check_choice(self, "sde_kind", tuple(sorted(SDE_KINDS)))
+        check_choice(self, "ode_solver", ("euler", "dpm2"))
+        check_range(self, "post_window_steps", lo=0)
+        if self.sde_kind == "cps" and self.noise_level > 1:
+            raise FieldError("noise_level", f"{self.noise_level} with sde_kind=cps: it is the noise angle's "
+                                            "fraction of π/2, in (0, 1]")
+        if self.sde_window_slide.every and (self.sde_window <= 0 or self.sde_window_start < 0):
+            raise FieldError("sde_window_slide.every", "slides a fixed window: set sde_window > 0 and "
+                                                      "sde_window_start >= 0 (where it starts)")
         if self.sde_window_start >= 0 and self.sde_window and self.sde_window_start > self.num_steps - self.sde_window:
             raise FieldError("sde_window_start", f"{self.sde_window_start} leaves fewer than sde_window="
                                                  f"{self.sde_window} of num_steps={self.num_steps} steps")
@@ -91,31 +127,60 @@ def sde_mask_for(num_steps: int, window: int, generator: torch.Generator | None,
     return mask
 
 
+def rollout_grid(policy, cfg: ImageRolloutConfig, generator: torch.Generator | None, step: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This step's σ grid (S+1,) and SDE mask (S,): the window fixed, random or sliding with the
+    training step (MixGRPO), the tail after it optionally shortened (``post_window_steps``)."""
+    sigmas = policy.sigmas(cfg.num_steps, cfg.shift or None)
+    start, slide = cfg.sde_window_start, cfg.sde_window_slide
+    if slide.every:
+        start = window_start(step, start, cfg.sde_window, cfg.num_steps, slide.every, slide.stride, slide.schedule,
+                             slide.decay, slide.decay_after, slide.at_end)
+    sde_mask = sde_mask_for(cfg.num_steps, cfg.sde_window, generator, start)
+    if cfg.post_window_steps:
+        sigmas, sde_mask = compress_tail(sigmas, sde_mask.to(sigmas.device), cfg.post_window_steps)
+    return sigmas, sde_mask.cpu()
+
+
+def start_noise(shape, group_ids: torch.Tensor, shared: bool, generator: torch.Generator) -> torch.Tensor | None:
+    """(B, *shape) with one draw per group (DanceGRPO), or None: each chunk then draws its own."""
+    if not shared:
+        return None
+    _, inverse = torch.unique(group_ids.cpu(), return_inverse=True)  # (B,) group index of each row
+    per_group = torch.randn((int(inverse.max()) + 1, *shape), generator=generator)
+    return per_group[inverse]
+
+
 @torch.no_grad()
 def rollout_images(policy, prompts: list[str], group_ids: torch.Tensor, cfg: ImageRolloutConfig,
-                   generator: torch.Generator, weights_version: int = 0) -> ImageRollout:
-    """Sample one trajectory per entry of ``prompts`` (callers repeat each prompt G times)."""
+                   generator: torch.Generator, weights_version: int = 0, step: int = 0) -> ImageRollout:
+    """Sample one trajectory per entry of ``prompts`` (callers repeat each prompt G times).
+
+    ``step`` is the training step the rollout is for (MixGRPO's window position is a function of it).
+    """
     dev = policy.device
-    sigmas = policy.sigmas(cfg.num_steps, cfg.shift or None)
-    sde_mask = sde_mask_for(cfg.num_steps, cfg.sde_window, generator, cfg.sde_window_start)
+    sigmas, sde_mask = rollout_grid(policy, cfg, generator, step)
     # SDE noise is drawn on the model's device; derive its generator from the CPU one so a seed
     # reproduces the same rollout on CPU and GPU alike.
     dev_gen = generator if dev.type == "cpu" else torch.Generator(dev).manual_seed(
         int(torch.randint(2**62, (1,), generator=generator)))
     cache = teacache_for(policy, cfg.teacache)
+    shared = start_noise(policy.sample_shape, group_ids, cfg.shared_group_noise, generator)
     parts = []
     for i in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[i:i + cfg.batch_size]
-        noise = torch.randn((len(chunk), *policy.sample_shape), generator=generator).to(dev)
+        noise = (torch.randn((len(chunk), *policy.sample_shape), generator=generator) if shared is None
+                 else shared[i:i + cfg.batch_size]).to(dev)
         traj = sample(policy.velocity_fn(chunk, cfg.cfg_scale), noise, sigmas, noise_level=cfg.noise_level,
-                      generator=dev_gen, sde_steps=sde_mask.to(dev), teacache=cache)
+                      generator=dev_gen, sde_steps=sde_mask.to(dev), teacache=cache, sde_kind=cfg.sde_kind,
+                      ode_solver=cfg.ode_solver)
         images = policy.decode(traj.samples)
         parts.append((traj.latents.float().cpu(), traj.log_probs.float().cpu(), images.float().cpu()))
     return ImageRollout(prompts=list(prompts), group_ids=group_ids.cpu(),
                         latents=torch.cat([p[0] for p in parts]), log_probs=torch.cat([p[1] for p in parts]),
-                        sigmas=sigmas.float().cpu(), sde_mask=sde_mask, noise_level=cfg.noise_level,
+                        sigmas=sigmas.float().cpu(), sde_mask=traj.sde_mask.cpu(), noise_level=cfg.noise_level,
                         cfg_scale=cfg.cfg_scale, weights_version=weights_version,
-                        images=torch.cat([p[2] for p in parts]))
+                        images=torch.cat([p[2] for p in parts]), sde_kind=cfg.sde_kind)
 
 
 @register_family("flow")
@@ -144,11 +209,12 @@ class FlowFamily(Family):
     def train_module(self, policy) -> nn.Module:
         return PolicyVelocity(policy)
 
-    def rollout(self, policy, items: list[dict], group_ids, cfg: ImageRolloutConfig, generator, version: int = 0):
+    def rollout(self, policy, items: list[dict], group_ids, cfg: ImageRolloutConfig, generator, version: int = 0,
+                step: int = 0):
         prompts = [it["prompt"] for it in items]
         if hasattr(cfg, "sample_rollout"):  # an algorithm's own rollout settings bring their sampler (G²RPO)
             return cfg.sample_rollout(policy, prompts, group_ids, generator, version)
-        return rollout_images(policy, prompts, group_ids, cfg, generator, version)
+        return rollout_images(policy, prompts, group_ids, cfg, generator, version, step)
 
     @torch.no_grad()
     def prepare_pairs(self, policy, pairs) -> dict:

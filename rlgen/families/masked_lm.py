@@ -187,7 +187,8 @@ class MaskedLMFamily(Family):
     def saves_adapter(self, policy) -> bool:
         return getattr(policy, "lora_base", None) is not None  # adapter + a pointer to the base it loads onto
 
-    def rollout(self, policy, items: list[dict], group_ids, cfg: TextRolloutConfig, generator, version: int = 0):
+    def rollout(self, policy, items: list[dict], group_ids, cfg: TextRolloutConfig, generator, version: int = 0,
+                step: int = 0):
         return rollout_text(policy, items, group_ids, cfg, generator, version)
 
     def prepare_pairs(self, policy, pairs) -> dict:

@@ -77,7 +77,7 @@ class Workers:
                 continue
             rep = [items[i] for i in idxs for _ in range(g)]
             gids = torch.tensor([i for i in idxs for _ in range(g)])
-            jobs[w] = [(rep, gids, derive_seed(self.cfg.run.seed, step, w)), self.weights_version]
+            jobs[w] = [(rep, gids, derive_seed(self.cfg.run.seed, step, w), step), self.weights_version]
             pending[self.rollout_workers[w].generate.remote(*jobs[w][0])] = w
         return {"step": step, "jobs": jobs, "pending": pending}
 

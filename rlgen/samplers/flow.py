@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from rlgen.samplers.dpm_solver import dpmpp_2m_step
+
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -104,11 +106,22 @@ def sde_step(
     mean = xf * (1 + std_sigma**2 * dt / (2 * s)) + vf * (1 + std_sigma**2 * (1 - s) / (2 * s)) * dt
     std = std_sigma * torch.sqrt(-dt)  # (B or 1, 1, ..., 1)
 
+    return gaussian_step(x, mean, std, generator, prev_sample)
+
+
+def gaussian_step(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None,
+                  prev_sample: torch.Tensor | None) -> StepOutput:
+    """Draw ``prev_sample ~ N(mean, std²·I)`` (or take the given one) and score it exactly.
+
+    mean (B, *D) in the compute dtype, std (B or 1, 1, ..., 1) > 0, shared over a sample's dims; the
+    draw is stored in x's dtype and the log-density scores exactly that stored value. Every SDE step
+    kind (``rlgen.samplers.flow_sde``) ends here, so they all share one log-prob convention.
+    """
     if prev_sample is None:
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=cdtype)
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=mean.dtype)
         prev_sample = (mean + std * eps).to(x.dtype)  # (B, *D) what the trajectory stores
     # The sample is data, not a function of the policy: no gradient flows through it.
-    diff = prev_sample.detach().to(cdtype) - mean  # (B, *D)
+    diff = prev_sample.detach().to(mean.dtype) - mean  # (B, *D)
     dims = diff[0].numel()
     # Σ_d log N(p_d; m_d, s) = −Σ(p−m)²/(2s²) − D·(log s + ½log 2π), s shared over a sample's dims.
     log_prob = -diff.pow(2).flatten(1).sum(1) / (2 * std.reshape(-1) ** 2) - dims * (
@@ -203,6 +216,8 @@ def sample(
     keep_latents: bool = True,
     progress: bool = False,
     teacache=None,
+    sde_kind: str = "flow_grpo",
+    ode_solver: str = "euler",
 ) -> Trajectory:
     """Integrate from ``noise`` (x at sigmas[0]) down the grid, recording per-step log-probs.
 
@@ -214,10 +229,22 @@ def sample(
 
     ``teacache`` (a :class:`rlgen.samplers.teacache.TeaCache`) may reuse the last computed velocity on
     ODE steps; SDE steps and the last step always run the model, so stored log-probs stay exact.
+    ``sde_kind`` names the stochastic step (``rlgen.samplers.flow_sde``: flow_grpo, dance, cps); a kind
+    whose noise vanishes at σ' = 0 (cps) runs a final step to 0 as an ODE step. ``ode_solver="dpm2"``
+    runs the ODE steps after the last stochastic step (all steps if none is) with DPM-Solver++(2M)
+    (``rlgen.samplers.dpm_solver``; MixGRPO), its history seeded by the steps before; "euler" is plain Euler.
     """
+    from rlgen.samplers.flow_sde import sde_kind as _kind
+
+    if ode_solver not in ("euler", "dpm2"):
+        raise ValueError(f"ode_solver must be 'euler' or 'dpm2', got {ode_solver!r}")
+    kind = _kind(sde_kind)
     grid, values = _grid(sigmas)
     num_steps = len(values) - 1
     mask = _sde_mask(sde_steps, num_steps, noise_level)
+    if kind.deterministic_at_zero and values[-1] == 0.0:
+        mask[-1] = False  # no noise, no density: the last step is the ODE step it equals
+    last_sde = max((i for i, m in enumerate(mask) if m), default=-1)
     batch, device = noise.shape[0], noise.device
     grid = grid.to(device)
     latents = noise.new_empty((batch, num_steps + 1 if keep_latents else 2, *noise.shape[1:]))
@@ -231,7 +258,7 @@ def sample(
     skipped = [False] * num_steps
     if teacache is not None:
         teacache.reset()
-    x = noise
+    x, prev_x0, prev_sigma = noise, None, None
     for i in tqdm(range(num_steps), disable=not progress, desc="sampling", leave=False):
         if teacache is None:
             v = velocity_fn(x, grid[i].expand(batch))  # (B, *D)
@@ -239,7 +266,13 @@ def sample(
             before = teacache.skipped
             v = teacache(velocity_fn, x, grid[i].expand(batch), may_skip=not mask[i] and i < num_steps - 1)
             skipped[i] = teacache.skipped > before
-        out = sde_step(x, v, values[i], values[i + 1], noise_level if mask[i] else 0.0, generator=generator)
+        if ode_solver == "dpm2" and i > last_sde:
+            x_next, x0 = dpmpp_2m_step(x, v, values[i], values[i + 1], prev_x0, prev_sigma)
+            out = StepOutput(x_next, None, x_next.to(log_probs.dtype), stds[i])
+        else:
+            out = kind.step(x, v, values[i], values[i + 1], noise_level if mask[i] else 0.0, generator=generator)
+            x0 = x - values[i] * v if ode_solver == "dpm2" else None  # (B, *D) history for the DPM steps
+        prev_x0, prev_sigma = x0, values[i]
         x = out.prev_sample
         if mask[i]:
             log_probs[:, i] = out.log_prob
@@ -261,14 +294,19 @@ def score_steps(
     sigmas: torch.Tensor | Sequence[float],
     step_indices: Iterable[int] | torch.Tensor,
     noise_level: float,
+    sde_kind: str = "flow_grpo",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Re-score steps of a stored trajectory under ``velocity_fn`` (the learner's call; grad follows
     the caller's mode).
 
     ``latents`` is a trajectory's (B, S+1, *D); step i scores ``latents[:, i+1]`` given
     ``latents[:, i]``. Returns ``log_prob`` (B, k), ``mean`` (B, k, *D) and ``std`` (k,), where
-    ``std[j]`` broadcasts against ``mean[:, j]`` (Flow-GRPO's KL term needs both).
+    ``std[j]`` broadcasts against ``mean[:, j]`` (Flow-GRPO's KL term needs both). ``sde_kind`` must
+    be the kind the trajectory was sampled with (``rlgen.samplers.flow_sde``).
     """
+    from rlgen.samplers.flow_sde import sde_step_fn
+
+    step_fn = sde_step_fn(sde_kind)
     grid, values = _grid(sigmas)
     if latents.ndim < 3 or latents.shape[1] != len(values):
         raise ValueError(f"latents must be (B, {len(values)}, ...) to match sigmas, got {tuple(latents.shape)}")
@@ -289,7 +327,7 @@ def score_steps(
         # deterministic model reproduces the rollout's velocity bit for bit.
         x = latents[:, i].contiguous()  # (B, *D)
         v = velocity_fn(x, grid[i].expand(batch))
-        out = sde_step(x, v, values[i], values[i + 1], noise_level, prev_sample=latents[:, i + 1])
+        out = step_fn(x, v, values[i], values[i + 1], noise_level, prev_sample=latents[:, i + 1])
         log_probs.append(out.log_prob)
         means.append(out.mean)
         stds.append(out.std.reshape(()))
