@@ -47,6 +47,15 @@ class G2RPORolloutConfig(ImageRolloutConfig):
         if len(set(self.granularities)) != len(self.granularities):
             raise FieldError("granularities", f"has repeated values: {self.granularities}")
         self.granularities = [int(g) for g in self.granularities]
+        # options of plain Flow-GRPO rollouts that G²RPO's own sampler does not run: refuse, never ignore
+        for key, default in (("sde_kind", "flow_grpo"), ("ode_solver", "euler"), ("post_window_steps", 0),
+                             ("shared_group_noise", False)):
+            if getattr(self, key) != default:
+                raise FieldError(key, f"is not used by G²RPO's rollouts (its single SDE step is Flow-GRPO's; "
+                                      f"shared_noise is its own switch): leave it at {default!r}")
+        if self.sde_window_slide.every or self.teacache.threshold:
+            raise FieldError("sde_window_slide" if self.sde_window_slide.every else "teacache",
+                             "is not used by G²RPO's rollouts: leave it off")
         if not self.sde_window_steps():
             raise FieldError("sde_window_start", f"{self.sde_window_start} leaves no step of num_steps="
                                                  f"{self.num_steps} for the SDE step")

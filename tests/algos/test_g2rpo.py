@@ -171,3 +171,8 @@ def test_config_checks():
         load_config("configs/rl/g2rpo_shapes.yaml", ["rollout.granularities=[0]"])
     with pytest.raises(ConfigError, match="rollout.granularities"):  # not a Flow-GRPO setting
         load_config("configs/rl/flow_grpo_shapes.yaml", ["rollout.granularities=[1, 2]"])
+    for override in ("rollout.sde_kind=cps", "rollout.ode_solver=dpm2", "rollout.shared_group_noise=true",
+                     "rollout.sde_window_slide.every=5", "rollout.teacache.threshold=0.1"):
+        key = override.split("=")[0].split(".")[1]
+        with pytest.raises(ConfigError, match=f"{key}.*not used by G²RPO"):  # refused, never silently ignored
+            load_config("configs/rl/g2rpo_shapes.yaml", [override])
