@@ -45,7 +45,7 @@ class VRPOConfig(AlgoConfig):
     name: str = "vrpo"
     beta: float = 0.1               # DPO β on ELBO log-ratios (sequence-level, as DPO's log-probs)
     n_samples: int = 8              # sampling budget n per ELBO (LLaDA 1.5 uses 8)
-    allocation: str = "optimal"     # optimal: n stratified timesteps, one mask each | naive: i.i.d.
+    allocation: str = "optimal"     # optimal: n stratified timesteps, one mask each | naive: i.i.d. | one_timestep
     antithetic: bool = True         # share the timesteps and masks between policy and reference
     form: str = "l"                 # ELBO form: l (exactly l tokens masked; bounded weights) | t
     samples_per_forward: int = 0    # 0 = all n samples in one forward batch
