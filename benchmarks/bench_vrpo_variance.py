@@ -9,6 +9,7 @@ same number of forward passes in every variant). For each pair the score is re-e
 ``--repeats`` times with fresh draws; the variance over repeats is averaged over pairs. Variants:
 
   naive        n i.i.d. (timestep, mask) samples, drawn separately for policy and reference
+  one_timestep one timestep per answer, n masks at it (the paper's worst allocation); separate draws
   allocation   n stratified timesteps, one mask each ("optimal allocation"); still separate draws
   antithetic   i.i.d. samples, shared by policy and reference
   vrpo         both (what training uses by default)
@@ -57,6 +58,7 @@ def pad_answers(answers: list[list[int]], fill: int) -> torch.Tensor:
     return torch.tensor([a + [fill] * (width - len(a)) for a in answers])  # (B, L)
 
 VARIANTS = {"naive": dict(allocation="naive", antithetic=False),
+            "one_timestep": dict(allocation="one_timestep", antithetic=False),
             "allocation": dict(allocation="optimal", antithetic=False),
             "antithetic": dict(allocation="naive", antithetic=True),
             "vrpo": dict(allocation="optimal", antithetic=True)}

@@ -17,6 +17,13 @@ and makes the estimated preference score inside σ far less noisy, with the same
 The naive estimator (``antithetic=False, allocation="naive"``) draws i.i.d. samples separately
 for each model: same cost, much higher variance (benchmarks/bench_vrpo_variance.py).
 
+``sft_weight`` > 0 adds an NLL term on the chosen answer, ``sft_weight · (−B_θ(y_w) / L)`` (per
+answer token), as RPO does for autoregressive DPO (Pang et al. 2024, arXiv:2404.19733; trl's
+``rpo_alpha``): DPO alone can lower the chosen answer's likelihood too, as long as the rejected one
+falls faster. With n ≥ 2 every update also logs, from its own n per-sample ELBO terms at the
+current policy, estimates of the score variance of both estimators (``score_var_naive``,
+``score_var_antithetic``; :func:`score_variance_estimates`).
+
 Pure torch; the ELBO draws come from a ``torch.Generator``.
 """
 from __future__ import annotations
@@ -38,13 +45,15 @@ class VRPOConfig(AlgoConfig):
     name: str = "vrpo"
     beta: float = 0.1               # DPO β on ELBO log-ratios (sequence-level, as DPO's log-probs)
     n_samples: int = 8              # sampling budget n per ELBO (LLaDA 1.5 uses 8)
-    allocation: str = "optimal"     # optimal: n stratified timesteps, one mask each | naive: i.i.d.
+    allocation: str = "optimal"     # optimal: n stratified timesteps, one mask each | naive: i.i.d. | one_timestep
     antithetic: bool = True         # share the timesteps and masks between policy and reference
     form: str = "l"                 # ELBO form: l (exactly l tokens masked; bounded weights) | t
     samples_per_forward: int = 0    # 0 = all n samples in one forward batch
+    sft_weight: float = 0.0         # + sft_weight · (−B_θ(y_w) / L): NLL of the chosen answer (RPO)
 
     def __post_init__(self):
         check_range(self, "beta", lo=0, lo_open=True)
+        check_range(self, "sft_weight", lo=0)
         check_range(self, "n_samples", lo=1)
         check_choice(self, "allocation", ALLOCATIONS)
         check_choice(self, "form", FORMS)
@@ -78,6 +87,40 @@ def dpo_loss(elbo_w: torch.Tensor, elbo_l: torch.Tensor, ref_elbo_w: torch.Tenso
             "elbo_l": elbo_l.mean().item(),
         }
     return out, metrics
+
+
+def vrpo_loss(elbo_w, elbo_l, ref_elbo_w, ref_elbo_l, beta: float, sft_weight: float = 0.0, answer_len: int = 1,
+              reduction: str = "mean") -> tuple[torch.Tensor, dict]:
+    """:func:`dpo_loss` plus ``sft_weight · (−B_θw / answer_len)`` per row (inputs (B,)).
+
+    The NLL term (per answer token, as trl's ``rpo_alpha`` averages the chosen answer's NLL over its
+    tokens) pulls the chosen answer's ELBO up, which DPO alone does not: its loss only sees the
+    margin, so both likelihoods may fall (the likelihood collapse of docs/preference.md).
+    """
+    rows, m = dpo_loss(elbo_w, elbo_l, ref_elbo_w, ref_elbo_l, beta, reduction="none")  # (B,)
+    if sft_weight > 0:
+        nll = -elbo_w / answer_len  # (B,) per-token NLL estimate of the chosen answer
+        rows = rows + sft_weight * nll
+        m = {**m, "sft_nll": nll.mean().item(), "loss": rows.mean().item()}
+    return (rows if reduction == "none" else rows.mean()), m
+
+
+def score_variance_estimates(pol_w, pol_l, ref_w, ref_l, beta: float) -> dict:
+    """Estimated variance of the preference score at the current policy, for both estimators, from
+    ONE antithetic draw's per-sample ELBO terms (each (n, B), n ≥ 2, policy and reference on the
+    same plan).
+
+    Treating the n samples as i.i.d. (exact for ``allocation=naive``; for stratified timesteps an
+    upper bound up to the small between-strata part), the mean of n draws has variance S²/n, S² the
+    sample variance over n. Naive (independent draws per model, same budget): the four ELBOs are
+    independent, ``β²·Σ S²(term)/n``. Antithetic: the shared draws enter as differences,
+    ``β²·(S²(θw − rw) + S²(θl − rl))/n``. Means over the B pairs.
+    """
+    n = pol_w.shape[0]
+    v = lambda x: x.detach().double().var(0) / n  # (B,)  # noqa: E731
+    naive = beta ** 2 * (v(pol_w) + v(ref_w) + v(pol_l) + v(ref_l))
+    anti = beta ** 2 * (v(pol_w - ref_w) + v(pol_l - ref_l))
+    return {"score_var_naive": naive.mean().item(), "score_var_antithetic": anti.mean().item()}
 
 
 def preference_elbos(policy, ref, prompt_ids: torch.Tensor, chosen_ids: torch.Tensor, rejected_ids: torch.Tensor,
@@ -121,12 +164,15 @@ def preference_elbos(policy, ref, prompt_ids: torch.Tensor, chosen_ids: torch.Te
 
 
 def pair_elbos(model, prompt_ids, chosen_ids, rejected_ids, plan: MaskPlan, mask_id: int,
-               samples_per_forward: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               samples_per_forward: int | None = None, return_samples: bool = False):
     """(B_w, B_l), each (B,): one model's ELBOs of chosen and rejected answers on ``plan`` (over the 2B
-    rows, chosen first), in one forward batch."""
+    rows, chosen first), in one forward batch. ``return_samples`` adds the per-sample terms (S_w, S_l),
+    each (n, B)."""
     prompts = torch.cat([prompt_ids, prompt_ids])  # (2B, P)
     answers = torch.cat([chosen_ids, rejected_ids])  # (2B, L)
-    return elbo_from_plan(model, prompts, answers, plan, mask_id, samples_per_forward=samples_per_forward).chunk(2)
+    elbo, per = elbo_from_plan(model, prompts, answers, plan, mask_id, return_samples=True,
+                               samples_per_forward=samples_per_forward)  # (2B,), (n, 2B)
+    return (*elbo.chunk(2), *per.chunk(2, dim=1)) if return_samples else elbo.chunk(2)
 
 
 def preference_score(policy, ref, prompt_ids, chosen_ids, rejected_ids, mask_id: int, cfg: VRPOConfig,
@@ -204,9 +250,15 @@ class VRPO(Algorithm):
                 prompt, spf = b.prompt_ids[lo:hi].to(dev), self.cfg.samples_per_forward or None
                 # the reference first, on its own: under LoRA it is the policy with its adapter disabled
                 with torch.no_grad(), ctx.reference() as ref:
-                    r_w, r_l = pair_elbos(ref, prompt, w, l, plans[1], policy.mask_id, spf)
-                e_w, e_l = pair_elbos(ctx.engine, prompt, w, l, plans[0], policy.mask_id, spf)
-                rows, m = dpo_loss(e_w, e_l, r_w, r_l, self.cfg.beta, reduction="none")
+                    r_w, r_l, rs_w, rs_l = pair_elbos(ref, prompt, w, l, plans[1], policy.mask_id, spf, True)
+                e_w, e_l, ps_w, ps_l = pair_elbos(ctx.engine, prompt, w, l, plans[0], policy.mask_id, spf, True)
+                rows, m = vrpo_loss(e_w, e_l, r_w, r_l, self.cfg.beta, self.cfg.sft_weight, w.shape[1],
+                                    reduction="none")
+                if self.cfg.n_samples > 1:  # the score's variance at the current policy, both estimators
+                    est = score_variance_estimates(ps_w, ps_l, rs_w, rs_l, self.cfg.beta)
+                    if not self.cfg.antithetic:  # separate draws: their differences mean nothing
+                        est.pop("score_var_antithetic")
+                    m.update(est)
                 wt = b.weight[lo:hi].to(dev)
                 ctx.engine.backward((rows * wt).sum() / batch.global_size)
                 acc.add(m, float(wt.sum()))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 FORMS = ("t", "l")
-ALLOCATIONS = ("optimal", "naive")
+ALLOCATIONS = ("optimal", "naive", "one_timestep")
 
 
 @dataclass
@@ -72,11 +72,15 @@ def token_logprobs(model, input_ids, mask_id=None, targets=None, attention_mask=
 
 
 def _levels(n, batch, generator, device, allocation) -> torch.Tensor:
-    """(n, B) uniform draws in (0, 1]: i.i.d. ("naive") or one per stratum ((j + v)/n, "optimal").
+    """(n, B) uniform draws in (0, 1]: i.i.d. ("naive"), one per stratum ((j + v)/n, "optimal"), or
+    one level shared by the n samples of a row ("one_timestep": LLaDA 1.5's n_t = 1, n masks at one
+    timestep, the allocation its Theorem shows to be worst; for measurements).
 
     Stratifying keeps each sample's level uniform on average over j, so the mean stays unbiased.
     """
     v = torch.rand(n, batch, generator=generator, device=device)  # [0, 1)
+    if allocation == "one_timestep":
+        v = v[:1].expand(n, batch)
     if allocation == "optimal":
         v = (torch.arange(n, device=device, dtype=v.dtype)[:, None] + v) / n
     return 1.0 - v  # (0, 1]: t = 0 would give weight 1/0
@@ -88,7 +92,8 @@ def make_mask_plan(batch, answer_len, n_samples, generator=None, form="l", alloc
 
     ``answer_mask`` (B, L) bool marks real answer tokens (default: all); L_b = its row sums.
     ``allocation="optimal"`` is VRPO's n distinct (stratified) timesteps with one mask each;
-    ``"naive"`` draws n i.i.d. (timestep, mask) pairs, plain Monte-Carlo.
+    ``"naive"`` draws n i.i.d. (timestep, mask) pairs, plain Monte-Carlo; ``"one_timestep"`` draws
+    one timestep per row and n masks at it (the paper's worst split of the same budget).
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")

@@ -78,6 +78,23 @@ def test_both_forms_are_unbiased_for_the_enumerated_elbo():
                 assert abs(mean[b].item() - exact) < 4 * se[b].item(), (fn.__name__, b, mean[b], exact, se[b])
 
 
+def test_one_timestep_allocation_shares_the_level_and_stays_unbiased():
+    """LLaDA 1.5's n_t = 1 split of the budget: one level per row, n different masks at it."""
+    plan = make_mask_plan(400, 5, 6, torch.Generator().manual_seed(7), form="l", allocation="one_timestep")
+    assert torch.equal(plan.t, plan.t[:1].expand_as(plan.t))  # (n, B): the same level in every sample
+    assert torch.equal(plan.masks.sum(-1), (plan.t * 5).round().long())  # l of 5 tokens masked
+    assert (plan.masks != plan.masks[:1]).any()  # ... by different masks
+    assert len(set(plan.t[0].tolist())) == 5  # every level 1..5 occurs across rows
+    model = TinyNet(seed=1)
+    reps = 800
+    with torch.no_grad():
+        plan = make_mask_plan(2 * reps, 3, 4, torch.Generator().manual_seed(8), allocation="one_timestep")
+        est = elbo_from_plan(model, PROMPT.repeat(reps, 1), ANSWER.repeat(reps, 1), plan, MASK).view(reps, 2)
+    for b in range(2):
+        exact = exact_elbos(model, PROMPT[b], ANSWER[b])[0]
+        assert abs(est[:, b].mean().item() - exact) < 4 * est[:, b].std().item() / math.sqrt(reps)
+
+
 @pytest.mark.parametrize("form", ["t", "l"])
 def test_optimal_allocation_is_unbiased_too(form):
     model = TinyNet(seed=1)
