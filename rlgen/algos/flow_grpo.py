@@ -201,6 +201,17 @@ def _check_batch(batch: ImageRollout, micro: int, minibatches: int) -> None:
         raise ValueError(f"the rollout was sampled with noise_level={batch.noise_level}: ODE steps have no log-prob")
 
 
+def check_shard_split(job, num_minibatches: int) -> None:
+    """The step's samples must split into learner shards of whole mini-batches of micro-batches."""
+    n = job.prompts.per_step * job.prompts.group_size
+    k, micro, mbs = job.learner.num_learners, job.learner.micro_batch_size, num_minibatches
+    per_rank = n // k
+    if n % k or (micro and per_rank % micro) or (per_rank // (micro or per_rank)) % mbs:
+        raise ValueError(f"{n} samples per step (prompts.per_step × group_size) must split into "
+                         f"learner.num_learners={k} shards of algo.num_minibatches={mbs} mini-batches of "
+                         f"learner.micro_batch_size={micro or per_rank} samples")
+
+
 @register_algorithm("flow_grpo")
 class FlowGRPO(Algorithm):
     """Flow-GRPO (Liu et al. 2025, arXiv:2505.05470) on a flow policy's SDE rollouts.
@@ -217,14 +228,7 @@ class FlowGRPO(Algorithm):
     rollout_fields = ("latents", "log_probs", "sigmas", "sde_mask", "advantages")
 
     def check_job(self, job) -> None:
-        """The step's samples must split into learner shards of whole mini-batches of micro-batches."""
-        n = job.prompts.per_step * job.prompts.group_size
-        k, micro, mbs = job.learner.num_learners, job.learner.micro_batch_size, self.cfg.num_minibatches
-        per_rank = n // k
-        if n % k or (micro and per_rank % micro) or (per_rank // (micro or per_rank)) % mbs:
-            raise ValueError(f"{n} samples per step (prompts.per_step × group_size) must split into "
-                             f"learner.num_learners={k} shards of algo.num_minibatches={mbs} mini-batches of "
-                             f"learner.micro_batch_size={micro or per_rank} samples")
+        check_shard_split(job, self.cfg.num_minibatches)
 
     def advantages(self, batch):
         c = self.cfg

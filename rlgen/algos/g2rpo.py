@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from rlgen.algos.base import Accumulator, AlgoConfig, Algorithm, LearnerContext, register_algorithm
-from rlgen.algos.flow_grpo import flow_grpo_advantages, step_loss
+from rlgen.algos.flow_grpo import check_shard_split, flow_grpo_advantages, step_loss
 from rlgen.config import check_choice, check_range
 from rlgen.families.flow_g2rpo import G2RPORollout, G2RPORolloutConfig
 from rlgen.samplers.flow import sde_step
@@ -100,13 +100,7 @@ class G2RPO(Algorithm):
     rollout_fields = ("latents", "log_probs", "sigmas", "sde_step", "rewards", "branch_rewards", "advantages")
 
     def check_job(self, job) -> None:
-        n = job.prompts.per_step * job.prompts.group_size
-        k, micro, mbs = job.learner.num_learners, job.learner.micro_batch_size, self.cfg.num_minibatches
-        per_rank = n // k
-        if n % k or (micro and per_rank % micro) or (per_rank // (micro or per_rank)) % mbs:
-            raise ValueError(f"{n} samples per step (prompts.per_step × group_size) must split into "
-                             f"learner.num_learners={k} shards of algo.num_minibatches={mbs} mini-batches of "
-                             f"learner.micro_batch_size={micro or per_rank} samples")
+        check_shard_split(job, self.cfg.num_minibatches)
 
     def advantages(self, batch: G2RPORollout) -> G2RPORollout:
         c = self.cfg

@@ -227,6 +227,15 @@ def mixed_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor
     return keep
 
 
+def text_group_advantages(batch: TextRollout, adv_std: bool, skip_uniform_groups: bool) -> TextRollout:
+    """GRPO's driver side: (r − group mean) [/ group std] per row; groups with equal rewards dropped if asked."""
+    adv = group_advantages if adv_std else centred_advantages
+    batch.advantages = adv(batch.rewards, batch.group_ids)  # (N,)
+    if skip_uniform_groups:
+        return batch.keep_rows(mixed_groups(batch.rewards, batch.group_ids))
+    return batch
+
+
 # ----------------------------------------------------------------------------------------------
 # The algorithm
 # ----------------------------------------------------------------------------------------------
@@ -281,11 +290,7 @@ class MDMGRPO(Algorithm):
             raise ValueError(BLOCK_CAUSAL_ESTIMATOR.format(estimator=self.cfg.estimator))
 
     def advantages(self, batch: TextRollout) -> TextRollout:
-        adv = group_advantages if self.cfg.adv_std else centred_advantages
-        batch.advantages = adv(batch.rewards, batch.group_ids)  # (N,)
-        if self.cfg.skip_uniform_groups:
-            return batch.keep_rows(mixed_groups(batch.rewards, batch.group_ids))
-        return batch
+        return text_group_advantages(batch, self.cfg.adv_std, self.cfg.skip_uniform_groups)
 
     def update(self, ctx: LearnerContext, batch: TextRollout) -> dict:
         a, policy = self.cfg, ctx.policy

@@ -36,9 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rlgen.algos.advantages import group_advantages
 from rlgen.algos.base import Accumulator, AlgoConfig, Algorithm, LearnerContext, register_algorithm
-from rlgen.algos.mdm_grpo import ScorePlan, banned_ids, centred_advantages, mixed_groups, plan_logprobs
+from rlgen.algos.mdm_grpo import ScorePlan, banned_ids, plan_logprobs, text_group_advantages
 from rlgen.batches import TextBucket, TextRollout, row_generator
 from rlgen.config import check_choice, check_range
 from rlgen.utils import derive_seed
@@ -170,11 +169,7 @@ class SPG(Algorithm):
             self.cfg.block_length = job.rollout.block_length
 
     def advantages(self, batch: TextRollout) -> TextRollout:
-        adv = group_advantages if self.cfg.adv_std else centred_advantages
-        batch.advantages = adv(batch.rewards, batch.group_ids)  # (N,)
-        if self.cfg.skip_uniform_groups:
-            return batch.keep_rows(mixed_groups(batch.rewards, batch.group_ids))
-        return batch
+        return text_group_advantages(batch, self.cfg.adv_std, self.cfg.skip_uniform_groups)
 
     def update(self, ctx: LearnerContext, batch: TextRollout) -> dict:
         a, policy = self.cfg, ctx.policy
