@@ -30,3 +30,39 @@ def offline_hub_cache(monkeypatch, cache: Path, repo_id: str, folder: Path) -> N
     shutil.copytree(folder, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
+
+
+def visible_weights(model):
+    """Redraw every weight from N(0, 0.3²): the 0.02 init makes every context effect tiny, so a test
+    of what a cache keeps or drops would pass whatever it kept."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+def tiny_bert_mdm(tok, layers: int = 2, seed: int = 0):
+    """rlgen's BERT-style masked-diffusion LM, tiny, with visible weights."""
+    from rlgen.models.masked_lm import MaskedDiffusionLM
+
+    torch.manual_seed(seed)
+    return visible_weights(MaskedDiffusionLM.tiny(tok, hidden_size=32, num_layers=layers, num_heads=2,
+                                                  intermediate_size=64, max_length=24).eval())
+
+
+def bidirectional_llama(layers: int, vocab_size: int):
+    """A tiny transformers Llama attending in both directions (eager attention without a mask), the
+    layout of a LLaDA-style model with RoPE applied before the cache."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                                   max_position_embeddings=64, is_causal=False)
+    cfg._attn_implementation = "eager"  # no mask = full attention, also over the cached keys
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    for module in model.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = False
+    return model

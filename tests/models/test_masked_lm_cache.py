@@ -5,7 +5,8 @@ import torch
 import rlgen  # noqa: F401  (first: makes torchvision importable before transformers' model classes)
 
 from rlgen.data.tokenizer import build_tokenizer
-from rlgen.models.masked_lm import CachedLMOutput, MaskedDiffusionLM
+from rlgen.models.masked_lm import CachedLMOutput
+from tests_helpers import tiny_bert_mdm
 from rlgen.samplers.masked import generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,13 +18,7 @@ def tok():
 
 
 def _tiny(tok, layers=2, seed=0):
-    torch.manual_seed(seed)
-    model = MaskedDiffusionLM.tiny(tok, hidden_size=32, num_layers=layers, num_heads=2, intermediate_size=64,
-                                   max_length=24).eval()
-    with torch.no_grad():  # BERT's 0.02 init makes every context effect tiny; make them visible
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model
+    return tiny_bert_mdm(tok, layers, seed)
 
 
 @torch.no_grad()

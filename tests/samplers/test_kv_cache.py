@@ -12,7 +12,7 @@ import rlgen  # noqa: F401  (first: makes torchvision importable before transfor
 
 from rlgen.data.tokenizer import build_tokenizer
 from rlgen.models import load_model
-from rlgen.models.masked_lm import MaskedDiffusionLM
+from tests_helpers import bidirectional_llama, tiny_bert_mdm, visible_weights
 from rlgen.samplers.kv_cache import cut_span
 from rlgen.samplers.masked import generate
 from rlgen.testing.tiny_lms import build_tiny_llada, build_tiny_llada2
@@ -27,30 +27,11 @@ def tok():
 
 
 def _bert(tok, layers):
-    torch.manual_seed(0)
-    model = MaskedDiffusionLM.tiny(tok, hidden_size=32, num_layers=layers, num_heads=2, intermediate_size=64,
-                                   max_length=24).eval()
-    with torch.no_grad():  # BERT's 0.02 init makes every context effect tiny; make them visible
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model
+    return tiny_bert_mdm(tok, layers)
 
 
 def _llama(layers):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                                   is_causal=False)
-    cfg._attn_implementation = "eager"  # no mask = full attention, also over the cached keys
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    for module in model.modules():
-        if hasattr(module, "is_causal"):
-            module.is_causal = False
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model
+    return visible_weights(bidirectional_llama(layers, vocab_size=40))
 
 
 @pytest.fixture(scope="module")

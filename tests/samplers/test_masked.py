@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from rlgen.samplers.masked import generate, num_transfer_tokens
+from tests_helpers import bidirectional_llama
 
 MASK, PAD, EOS = 5, 4, 3  # vocab 0..5; 5 is [MASK]
 V = 6
@@ -258,17 +259,7 @@ def test_validation_errors():
 
 
 def _bidirectional_llama(layers):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                                   is_causal=False)
-    cfg._attn_implementation = "eager"  # no mask = full attention, also over the cached prefix
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    for module in model.modules():
-        if hasattr(module, "is_causal"):
-            module.is_causal = False
-    return model
+    return bidirectional_llama(layers, vocab_size=V)
 
 
 def test_prefix_cache_is_exact_for_one_layer_and_saves_positions():
